@@ -1,0 +1,17 @@
+"""Errors the suite raises for bad input. Entry scripts print them as one line and exit 2, no traceback."""
+
+
+class FinetuneError(Exception):
+    """Base class: a problem with the user's recipe, data or environment, not a bug in the suite."""
+
+
+class RecipeError(FinetuneError):
+    """A recipe or command-line override is malformed: unknown key, wrong type, bad value."""
+
+
+class DataError(FinetuneError):
+    """A dataset is missing, empty or has a malformed record."""
+
+
+class HubUnreachableError(FinetuneError):
+    """A model or dataset named by Hub ID could not be fetched (offline, or no network)."""

@@ -1,0 +1,79 @@
+"""Generate with a fine-tuned adapter (or merged/full model) from an SFT output folder.
+
+    python -m finetune.generate outputs/quickstart "日本の首都はどこですか？"
+    python -m finetune.generate outputs/quickstart "Give three tips for staying healthy." --max-new-tokens 64
+
+The folder's recipe.yaml says which base to load and which prompt style to wrap the instruction in, so the
+model sees the same prompt layout it was trained on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import yaml
+
+from finetune import recipe as recipes
+from finetune.errors import FinetuneError, RecipeError
+from finetune.recipe import SFTRecipe
+
+
+def load(run_dir: str | Path):
+    """(model, tokenizer, recipe) from an SFT output folder: base + adapter, or a saved full model."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from finetune import modeling
+
+    run_dir = Path(run_dir)
+    recipe_file = run_dir / "recipe.yaml"
+    if not recipe_file.is_file():
+        raise RecipeError(f"{run_dir} has no recipe.yaml: is it the output_dir of a finetune/sft.py run?")
+    cfg = recipes.build(SFTRecipe, yaml.safe_load(recipe_file.read_text(encoding="utf-8")))
+    tokenizer = AutoTokenizer.from_pretrained(run_dir)
+    if (run_dir / "adapter_config.json").exists():
+        model = PeftModel.from_pretrained(modeling.load_model(cfg.model, cfg.quantization), run_dir)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(run_dir)
+    return model.eval(), tokenizer, cfg
+
+
+def generate(model, tokenizer, cfg: SFTRecipe, instruction: str, max_new_tokens: int = 128,
+             do_sample: bool = False, temperature: float = 0.7) -> str:
+    import torch
+
+    from finetune.prompts import prompt_ids
+
+    ids = prompt_ids([{"role": "user", "content": instruction}], cfg.data.prompt_style, tokenizer,
+                     cfg.data.system_prompt)
+    input_ids = torch.tensor([ids], device=model.device)
+    with torch.no_grad():
+        out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                             max_new_tokens=max_new_tokens, do_sample=do_sample,
+                             temperature=temperature if do_sample else None, top_p=None, top_k=None,
+                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)
+
+
+def cli() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dir", help="output_dir of an SFT run (adapter + recipe.yaml)")
+    parser.add_argument("instruction", nargs="+", help="one or more instructions")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    parser.add_argument("--temperature", type=float, default=0.7)
+    args = parser.parse_args()
+    try:
+        model, tokenizer, cfg = load(args.run_dir)
+        for instruction in args.instruction:
+            text = generate(model, tokenizer, cfg, instruction, args.max_new_tokens, args.sample, args.temperature)
+            print(f">>> {instruction}\n{text}\n")
+    except FinetuneError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,124 @@
+"""Model loading: base model and tokenizer (Hub ID, folder or built-in), 4-bit quantisation, LoRA config,
+and the dtype/precision choice for the device at hand."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from pathlib import Path
+
+import torch
+
+from finetune.data import hub_message
+from finetune.errors import HubUnreachableError, RecipeError
+from finetune.recipe import LoraConfig, ModelConfig, QuantizationConfig
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Attention kernels that honour position-id resets, so packed examples never attend to each other
+# (transformers builds a block-diagonal mask from them for sdpa/eager; flash-attn uses cu_seqlens).
+PACKING_ATTENTION = {"sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"}
+
+
+def resolve(name_or_path: str) -> str:
+    """`builtin:NAME` -> the folder of that built-in base (built on first use); anything else unchanged."""
+    if name_or_path.startswith("builtin:"):
+        from finetune import tiny_base
+
+        return str(tiny_base.ensure(name_or_path.split(":", 1)[1]))
+    return name_or_path
+
+
+def auto_dtype(name: str) -> torch.dtype:
+    if name != "auto":
+        return DTYPES[name]
+    if torch.cuda.is_available():
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def precision_flags(precision: str) -> dict:
+    """TrainingArguments' bf16/fp16 flags. auto: bf16 or fp16 on GPU, fp32 on CPU."""
+    if precision == "auto":
+        if torch.cuda.is_available():
+            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        else:
+            precision = "fp32"
+    if precision == "fp16" and not torch.cuda.is_available():
+        raise RecipeError("training.precision=fp16 needs a GPU; use fp32 or bf16 on CPU")
+    return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
+
+
+def _load(what: str, name: str, loader, **kwargs):
+    try:
+        return loader(name, **kwargs)
+    except (OSError, ValueError) as e:
+        if Path(name).exists():
+            raise RecipeError(f"could not load {what} from {name}: {e}") from None
+        raise HubUnreachableError(hub_message(f"{what} '{name}'", e)) from None
+
+
+def load_tokenizer(cfg: ModelConfig):
+    from transformers import AutoTokenizer
+
+    name = resolve(cfg.tokenizer or cfg.name_or_path)
+    tokenizer = _load("tokenizer", name, AutoTokenizer.from_pretrained, revision=cfg.revision,
+                      trust_remote_code=cfg.trust_remote_code)
+    if tokenizer.eos_token_id is None:
+        raise RecipeError(f"tokenizer {name} has no EOS token; the model could never learn to stop")
+    if tokenizer.pad_token is None:
+        # Safe: padding is masked by position in the collator, so EOS labels are kept (see prompts.py).
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def quantization_config(cfg: QuantizationConfig):
+    if not cfg.load_in_4bit:
+        return None
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=cfg.quant_type,
+        bnb_4bit_use_double_quant=cfg.double_quant,
+        bnb_4bit_compute_dtype=auto_dtype(cfg.compute_dtype),
+    )
+
+
+def load_model(cfg: ModelConfig, quant: QuantizationConfig | None = None):
+    from transformers import AutoModelForCausalLM
+
+    kwargs = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, dtype=auto_dtype(cfg.dtype),
+                  attn_implementation=cfg.attn_implementation)
+    qconfig = quantization_config(quant) if quant else None
+    if qconfig is not None:
+        from accelerate import PartialState
+
+        kwargs["quantization_config"] = qconfig
+        # each process holds a whole 4-bit copy on its own device (DDP), as in the QLoRA recipes
+        kwargs["device_map"] = {"": PartialState().local_process_index} if torch.cuda.is_available() else "cpu"
+    return _load("model", resolve(cfg.name_or_path), AutoModelForCausalLM.from_pretrained, **kwargs)
+
+
+def peft_config(cfg: LoraConfig):
+    if cfg.method == "full":
+        return None
+    from peft import LoraConfig as PeftLoraConfig
+
+    return PeftLoraConfig(
+        task_type="CAUSAL_LM",
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=cfg.target_modules,
+        use_dora=cfg.use_dora,
+        use_rslora=cfg.use_rslora,
+        modules_to_save=cfg.modules_to_save,
+    )
+
+
+def supports_packing(model) -> bool:
+    """Packing is safe when the attention kernel honours position-id resets and forward takes position_ids."""
+    impl = getattr(model.config, "_attn_implementation", None) or "eager"
+    return impl in PACKING_ATTENTION and "position_ids" in inspect.signature(model.forward).parameters

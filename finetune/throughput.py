@@ -1,0 +1,74 @@
+"""Speed and memory: tokens/s, MFU on GPUs, peak memory; and checkpoints that resume only when complete."""
+
+from __future__ import annotations
+
+import os
+import re
+import resource
+import time
+from pathlib import Path
+
+import torch
+
+COMPLETE = ".complete"  # written after a checkpoint's last file: a checkpoint without it is ignored on resume
+
+# Dense bf16 peak FLOP/s for MFU, by substring of torch.cuda.get_device_name().
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12,
+              "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12, "T4": 65e12}
+
+
+def peak_memory_gb() -> float:
+    """Peak GPU memory allocated by torch, or on CPU the process's peak resident set size."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def device_peak_flops() -> float | None:
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+class Throughput:
+    """Turns the trainer's cumulative count of non-pad tokens into tokens/s (and MFU) between log calls.
+
+    MFU counts 6 FLOPs per parameter per token (forward + backward, PaLM's convention), over all of the
+    model's parameters, frozen ones included, since their activations' gradients are computed.
+    """
+
+    def __init__(self, n_params: int, world_size: int = 1):
+        self.flops_per_token = 6 * n_params
+        self.world_size = world_size
+        self.last_time = time.perf_counter()
+        self.last_tokens = None
+
+    def update(self, logs: dict) -> dict:
+        now = time.perf_counter()
+        tokens = logs.get("num_tokens")
+        out = {"peak_mem_gb": round(peak_memory_gb(), 3)}
+        if tokens is not None:
+            if self.last_tokens is not None and now > self.last_time:
+                rate = (tokens - self.last_tokens) / (now - self.last_time)
+                out["tokens_per_s"] = round(rate, 1)
+                peak = device_peak_flops()
+                if peak:
+                    out["mfu"] = round(rate * self.flops_per_token / (peak * self.world_size), 4)
+            self.last_tokens = tokens
+        self.last_time = now
+        return out
+
+
+def mark_complete(checkpoint_dir: str | os.PathLike) -> None:
+    Path(checkpoint_dir, COMPLETE).touch()
+
+
+def latest_complete_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    """Newest `checkpoint-N` in output_dir that finished writing, or None."""
+    found = []
+    for d in Path(output_dir).glob("checkpoint-*"):
+        m = re.fullmatch(r"checkpoint-(\d+)", d.name)
+        if m and (d / COMPLETE).exists():
+            found.append((int(m.group(1)), d))
+    return max(found)[1] if found else None

@@ -1,0 +1,136 @@
+"""`builtin:tiny-llama`: a small LLaMA the suite builds itself, for offline CPU runs and tests.
+
+Its byte-level BPE tokenizer is trained on the bundled data in `data/` (English and Japanese), so no
+character is ever unknown; the weights are freshly initialised (seeded, so every build is identical).
+The bundled pretraining module (`finetune/pretrain.py`) replaces this with a pretrained base.
+
+    python -m finetune.tiny_base outputs/base/tiny-llama
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+REPO_DATA = Path(__file__).resolve().parent.parent / "data"
+DEFAULT_DIR = Path("outputs/base/tiny-llama")
+
+# A ChatML template, so `prompt_style: chat_template` works on the built-in base too.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+SIZES = {
+    # hidden, intermediate, layers, heads, kv heads: TinyLlama's shape (GQA 4:1 -> here 2:1), scaled down
+    "tiny-llama": dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=4,
+                       num_key_value_heads=2),
+    "micro-llama": dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2),
+}
+
+
+def bundled_texts(data_dir: Path = REPO_DATA):
+    """Every string in the bundled data files: the tokenizer's training corpus."""
+    import csv
+
+    def strings(obj):
+        if isinstance(obj, str):
+            yield obj
+        elif isinstance(obj, dict):
+            for v in obj.values():
+                yield from strings(v)
+        elif isinstance(obj, list):
+            for v in obj:
+                yield from strings(v)
+
+    for path in sorted(data_dir.glob("*")):
+        if path.suffix == ".jsonl":
+            for line in path.read_text(encoding="utf-8").splitlines():
+                if line.strip():
+                    yield from strings(json.loads(line))
+        elif path.suffix == ".csv":
+            with path.open(encoding="utf-8", newline="") as f:
+                for row in csv.DictReader(f):
+                    yield from strings(row)
+        elif path.suffix == ".txt":
+            yield path.read_text(encoding="utf-8")
+
+
+def train_tokenizer(texts, vocab_size: int = 4096):
+    """Byte-level BPE with <pad>, <s>, </s>, returned as a transformers fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    hf.chat_template = CHAT_TEMPLATE
+    return hf
+
+
+def build(out_dir: Path = DEFAULT_DIR, size: str = "tiny-llama", seed: int = 0, vocab_size: int = 4096) -> Path:
+    """Build the tokenizer and a freshly initialised LlamaForCausalLM into `out_dir`; return it."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out_dir = Path(out_dir)
+    tokenizer = train_tokenizer(bundled_texts(), vocab_size)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        max_position_embeddings=2048,
+        rms_norm_eps=1e-5,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+        **SIZES[size],
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "lineage.json").write_text(json.dumps(
+        {"built_by": "finetune.tiny_base", "size": size, "seed": seed, "weights": "random init",
+         "tokenizer": f"byte-level BPE, vocab {len(tokenizer)}, trained on {REPO_DATA.name}/"}, indent=2))
+    if out_dir.exists():  # another process built it meanwhile: keep theirs
+        import shutil
+
+        shutil.rmtree(tmp)
+    else:
+        tmp.rename(out_dir)  # atomic: a half-written base is never picked up
+    log.info("built %s (%s parameters) in %s", size, f"{model.num_parameters():,}", out_dir)
+    return out_dir
+
+
+def ensure(name: str) -> Path:
+    """Path of built-in base `name` (e.g. `tiny-llama`), building it on first use."""
+    if name not in SIZES:
+        from finetune.errors import RecipeError
+
+        raise RecipeError(f"unknown built-in model 'builtin:{name}', expected one of "
+                          + ", ".join(f"builtin:{s}" for s in SIZES))
+    out = DEFAULT_DIR.with_name(name)
+    if not (out / "config.json").exists():
+        log.info("building the built-in base builtin:%s into %s (first use)", name, out)
+        build(out, name)
+    return out
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO)
+    build(Path(sys.argv[1]) if len(sys.argv) > 1 else DEFAULT_DIR)
