@@ -373,9 +373,10 @@ def to_yaml(recipe: Any) -> str:
 
 
 def recipes_dir() -> Path:
-    from importlib.resources import files
-
-    return Path(str(files("finetune.recipes")))
+    """The checkout's `recipes/` (editable install), else the copy a wheel carries inside the package."""
+    package = Path(__file__).resolve().parent
+    checkout = package.parent / "recipes"
+    return checkout if checkout.is_dir() else package / "recipes"
 
 
 def available_recipes() -> list[str]:

@@ -16,7 +16,9 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-REPO_DATA = Path(__file__).resolve().parent.parent / "data"
+# The checkout's data/ (editable install), else the copy a wheel carries inside the package.
+_HERE = Path(__file__).resolve().parent
+REPO_DATA = _HERE.parent / "data" if (_HERE.parent / "data").is_dir() else _HERE / "data"
 DEFAULT_DIR = Path("outputs/base/tiny-llama")
 
 # A ChatML template, so `prompt_style: chat_template` works on the built-in base too.
