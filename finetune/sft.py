@@ -51,13 +51,16 @@ def make_trainer_class():
 
 
 def main(argv: list[str]) -> dict:
-    # ------------------------------------------------------------------------------------------------------
-    # Recipe
-    # ------------------------------------------------------------------------------------------------------
     cfg, recipe_file = recipes.load(argv, SFTRecipe)
     if cfg.print_recipe:
         print(recipes.to_yaml(cfg), end="")
         return {}
+    return train(cfg, recipe_file)[1]
+
+
+def train(cfg: SFTRecipe, recipe_file: Path | None = None, callbacks: list | None = None):
+    """Run the recipe; return (trainer, metrics). `callbacks` are extra transformers TrainerCallbacks."""
+    import warnings
 
     import datasets
     import torch
@@ -67,6 +70,8 @@ def main(argv: list[str]) -> dict:
     from finetune import modeling, prompts, throughput
     from finetune.data import load_examples
 
+    # transformers 5 renamed gradient_checkpointing; peft still calls the old name. Nothing a user can act on.
+    warnings.filterwarnings("ignore", message=".*gradient_checkpointing` is deprecated", category=FutureWarning)
     state = PartialState()
     logging.basicConfig(level=logging.INFO if state.is_main_process else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -139,6 +144,7 @@ def main(argv: list[str]) -> dict:
         eval_dataset=datasets.Dataset.from_list(eval_rows) if eval_rows else None,
         processing_class=tokenizer,
         peft_config=modeling.peft_config(cfg.lora),
+        callbacks=callbacks,
     )
     trainable, total = (sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
                         sum(p.numel() for p in trainer.model.parameters()))
@@ -189,7 +195,7 @@ def main(argv: list[str]) -> dict:
     log.info("done: train loss %.4f%s, %s tokens/s, peak memory %.2f GB; adapter in %s",
              metrics["train_loss"], f", eval loss {metrics['eval_loss']:.4f}" if eval_rows else "",
              metrics["tokens_per_s"], metrics["peak_mem_gb"], out)
-    return metrics
+    return trainer, metrics
 
 
 def merge(cfg: SFTRecipe, out: Path) -> Path:

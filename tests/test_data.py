@@ -1,0 +1,130 @@
+"""Dataset specs: every format and file type loads; bad records fail naming dataset, index and field."""
+
+import csv
+import json
+
+import pytest
+
+from finetune.data import load_examples, to_example
+from finetune.errors import DataError
+from finetune.recipe import DataConfig, DatasetSpec
+
+from .conftest import REPO, write_jsonl
+
+
+def cfg(*specs, **kw):
+    return DataConfig(datasets=list(specs), **kw)
+
+
+def test_alpaca_dolly_and_chat_formats_become_turns(tmp_path):
+    a = write_jsonl(tmp_path / "a.jsonl", [{"instruction": "Add.", "input": "1 2", "output": "3"}])
+    d = write_jsonl(tmp_path / "d.jsonl", [{"instruction": "要約して", "context": "長い文", "response": "短い文"}])
+    c = write_jsonl(tmp_path / "c.jsonl", [{"conversations": [{"from": "system", "value": "S"},
+                                                               {"from": "human", "value": "Hi"},
+                                                               {"from": "gpt", "value": "Hello"}]}])
+    m = write_jsonl(tmp_path / "m.jsonl", [{"messages": [{"role": "user", "content": "Q"},
+                                                         {"role": "assistant", "content": "A"}]}])
+    t = tmp_path / "t.txt"
+    t.write_text("First document.\nStill first.\n\nSecond document.\n")
+    train, _ = load_examples(cfg(DatasetSpec(str(a), "alpaca"), DatasetSpec(str(d), "dolly"),
+                                 DatasetSpec(str(c), "conversations"), DatasetSpec(str(m), "messages"),
+                                 DatasetSpec(str(t), "text")))
+    assert len(train) == 6
+    assert {"turns": [{"role": "user", "content": "Add.", "input": "1 2"}, {"role": "assistant", "content": "3"}]} in train
+    assert {"turns": [{"role": "user", "content": "要約して", "input": "長い文"},
+                      {"role": "assistant", "content": "短い文"}]} in train
+    assert {"turns": [{"role": "system", "content": "S"}, {"role": "user", "content": "Hi"},
+                      {"role": "assistant", "content": "Hello"}]} in train
+    assert sum("text" in e for e in train) == 2  # paragraphs are documents
+
+
+def test_csv_parquet_and_json_files_load(tmp_path):
+    rows = [{"instruction": f"i{i}", "input": "", "output": f"o{i}"} for i in range(3)]
+    with open(tmp_path / "a.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["instruction", "input", "output"])
+        w.writeheader()
+        w.writerows(rows)
+    (tmp_path / "a.json").write_text(json.dumps(rows))
+    import datasets
+
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "a.parquet"))
+    for name in ("a.csv", "a.json", "a.parquet"):
+        train, _ = load_examples(cfg(DatasetSpec(str(tmp_path / name), "alpaca")))
+        assert sorted(e["turns"][1]["content"] for e in train) == ["o0", "o1", "o2"], name
+
+
+def test_column_mapping(tmp_path):
+    f = write_jsonl(tmp_path / "k.jsonl", [{"instruction": "指示", "input": "", "output": "応答"}])
+    train, _ = load_examples(cfg(DatasetSpec(str(f), "dolly", columns={"context": "input", "response": "output"})))
+    assert train[0]["turns"][1]["content"] == "応答"
+
+
+def test_malformed_record_names_dataset_index_and_field(tmp_path):
+    records = [{"instruction": "ok", "input": "", "output": "fine"}] * 3
+    records.append({"instruction": "broken", "input": ""})
+    f = write_jsonl(tmp_path / "bad.jsonl", records)
+    with pytest.raises(DataError, match=r"dataset '.*bad.jsonl': record 3 has no 'output'.*instruction, output"):
+        load_examples(cfg(DatasetSpec(str(f), "alpaca")))
+
+
+def test_malformed_turn_names_the_turn(tmp_path):
+    f = write_jsonl(tmp_path / "c.jsonl", [{"conversations": [{"from": "human", "value": "Hi"},
+                                                              {"from": "bot", "value": "?"}]}])
+    with pytest.raises(DataError, match=r"record 0, turn 1: unknown from 'bot'"):
+        load_examples(cfg(DatasetSpec(str(f), "conversations")))
+
+
+def test_empty_and_missing_datasets_fail_clearly(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(DataError, match="empty.jsonl"):
+        load_examples(cfg(DatasetSpec(str(empty), "alpaca")))
+    with pytest.raises(DataError, match="file not found"):
+        load_examples(cfg(DatasetSpec(str(tmp_path / "nope.jsonl"), "alpaca")))
+
+
+def test_max_samples_weights_and_held_out_split(tmp_path):
+    a = write_jsonl(tmp_path / "a.jsonl", [{"instruction": f"a{i}", "output": "x"} for i in range(20)])
+    b = write_jsonl(tmp_path / "b.jsonl", [{"instruction": f"b{i}", "output": "y"} for i in range(10)])
+    train, held = load_examples(cfg(DatasetSpec(str(a), "alpaca", max_samples=8, weight=0.5),
+                                    DatasetSpec(str(b), "alpaca", weight=2.0), eval_size=3, seed=1))
+    names = lambda ex: [e["turns"][0]["content"] for e in ex]  # noqa: E731
+    held_names = set(names(held))
+    assert len(held) == 3 and not held_names & set(names(train))
+    n_a = sum(n.startswith("a") for n in names(train))
+    n_b = sum(n.startswith("b") for n in names(train))
+    held_a = sum(n.startswith("a") for n in held_names)
+    assert n_a == round(0.5 * (8 - held_a))
+    assert n_b == 2 * (10 - (3 - held_a))
+    again, _ = load_examples(cfg(DatasetSpec(str(a), "alpaca", max_samples=8, weight=0.5),
+                                 DatasetSpec(str(b), "alpaca", weight=2.0), eval_size=3, seed=1))
+    assert names(again) == names(train)  # deterministic for a seed
+
+
+def test_nfkc_normalises_full_width_and_half_width_kana(tmp_path):
+    f = write_jsonl(tmp_path / "j.jsonl", [{"instruction": "ＡＢＣ１２３", "output": "ｶﾀｶﾅ"}])
+    train, _ = load_examples(cfg(DatasetSpec(str(f), "alpaca"), nfkc=True))
+    assert train[0]["turns"][0]["content"] == "ABC123" and train[0]["turns"][1]["content"] == "カタカナ"
+
+
+def test_to_example_requires_an_assistant_turn():
+    with pytest.raises(DataError, match="no assistant turn"):
+        to_example({"messages": [{"role": "user", "content": "hi"}]}, DatasetSpec("x.jsonl", "messages"), 7)
+
+
+BUNDLED = [("alpaca_en.jsonl", "alpaca"), ("messages_en.jsonl", "messages"), ("text_en.txt", "text"),
+           ("dolly_ja.jsonl", "dolly"), ("conversations_ja.jsonl", "conversations"), ("alpaca_ja.csv", "alpaca")]
+
+
+@pytest.mark.parametrize(("name", "fmt"), BUNDLED)
+def test_bundled_data_loads_in_its_format(name, fmt):
+    train, _ = load_examples(cfg(DatasetSpec(str(REPO / "data" / name), fmt)))
+    assert len(train) >= 30
+
+
+def test_bundled_data_has_200_english_and_200_japanese_examples():
+    def count(name, fmt):
+        return len(load_examples(cfg(DatasetSpec(str(REPO / "data" / name), fmt)))[0])
+
+    assert count("alpaca_en.jsonl", "alpaca") >= 200
+    assert count("dolly_ja.jsonl", "dolly") >= 200

@@ -1,0 +1,122 @@
+"""Every recipe parses into the schema; overrides, inheritance and errors behave as documented."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from finetune import recipe
+from finetune.errors import RecipeError
+from finetune.recipe import SFTRecipe
+
+from .conftest import REPO
+
+RECIPES = recipe.available_recipes()
+
+
+def test_the_documented_recipes_exist():
+    assert {"alpaca", "alpaca-qlora", "dolly-ja", "oasst-ja", "quickstart"} <= set(RECIPES)
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_every_recipe_parses_into_the_schema(name):
+    cfg, file = recipe.load([f"recipe={name}"])
+    assert isinstance(cfg, SFTRecipe) and cfg.data.datasets
+    text = file.read_text(encoding="utf-8")
+    assert text.startswith("#") and "accelerate launch finetune/sft.py recipe=" in text.split("\n\n")[0]
+    assert "# Data" in text or "defaults:" in text
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "recipes" / "accelerate").glob("*.yaml")), ids=lambda p: p.stem)
+def test_accelerate_configs_are_valid(path):
+    cfg = yaml.safe_load(path.read_text())
+    assert cfg["distributed_type"] in {"NO", "MULTI_GPU", "FSDP", "DEEPSPEED"}
+    assert cfg["num_processes"] >= 1
+
+
+def test_accelerate_configs_cover_the_documented_setups():
+    names = {p.stem for p in (REPO / "recipes" / "accelerate").glob("*.yaml")}
+    assert {"single_gpu", "ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3"} <= names
+
+
+def test_inheritance_changes_only_what_the_child_sets():
+    parent, _ = recipe.load(["recipe=alpaca"])
+    child, _ = recipe.load(["recipe=alpaca-qlora"])
+    assert child.quantization.load_in_4bit and not parent.quantization.load_in_4bit
+    assert child.data == parent.data and child.lora == parent.lora
+    assert child.training.output_dir == "outputs/alpaca-qlora"
+    assert child.training.learning_rate == parent.training.learning_rate
+
+
+def test_overrides_reach_nested_keys_and_list_items():
+    cfg, _ = recipe.load(["recipe=quickstart", "training.learning_rate=1e-4", "data.datasets.0.max_samples=5",
+                          "lora.target_modules=[q_proj,v_proj]", "~training.eval_steps"])
+    assert cfg.training.learning_rate == pytest.approx(1e-4)
+    assert cfg.data.datasets[0].max_samples == 5
+    assert cfg.lora.target_modules == ["q_proj", "v_proj"]
+
+
+def test_misspelt_key_names_the_closest_valid_one():
+    with pytest.raises(RecipeError, match=r"unknown key 'training.learning_rat'.*Did you mean 'training.learning_rate'"):
+        recipe.load(["recipe=quickstart", "training.learning_rat=1e-4"])
+    with pytest.raises(RecipeError, match=r"Did you mean 'training.micro_batch_size'"):
+        recipe.load(["recipe=quickstart", "micro_batch_sise=2"])
+
+
+def test_wrong_type_names_the_key_and_the_type_expected():
+    with pytest.raises(RecipeError, match=r"'training.micro_batch_size' expects int, got 'four'"):
+        recipe.load(["recipe=quickstart", "training.micro_batch_size=four"])
+    with pytest.raises(RecipeError, match=r"'data.prompt_style' expects one of 'alpaca'"):
+        recipe.load(["recipe=quickstart", "data.prompt_style=vicuna"])
+
+
+def test_unknown_recipe_suggests_the_closest():
+    with pytest.raises(RecipeError, match="Did you mean 'quickstart'"):
+        recipe.load(["recipe=quickstar"])
+
+
+def test_bad_values_are_refused_with_the_key():
+    with pytest.raises(RecipeError, match="lora.r must be positive"):
+        recipe.load(["recipe=quickstart", "lora.r=0"])
+    with pytest.raises(RecipeError, match="needs lora.method=lora"):
+        recipe.load(["recipe=alpaca-qlora", "lora.method=full"])
+
+
+def test_a_recipe_file_path_works(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("data:\n  datasets:\n    - {path: x.jsonl, format: dolly}\ntraining:\n  num_epochs: 2\n")
+    cfg, file = recipe.load([f"recipe={path}"])
+    assert cfg.data.datasets[0].format == "dolly" and cfg.training.num_epochs == 2.0 and file == path
+
+
+def test_printed_recipe_round_trips_into_the_schema():
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    out = subprocess.run([sys.executable, "-m", "finetune.sft", "recipe=alpaca-qlora", "lora.r=8", "print_recipe=true"],
+                         capture_output=True, text=True, env=env, cwd=REPO, check=True).stdout
+    cfg = recipe.build(SFTRecipe, yaml.safe_load(out))
+    assert cfg.lora.r == 8 and cfg.quantization.load_in_4bit and cfg.print_recipe
+
+
+def accelerate_launch(*args, **env):
+    accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
+    return subprocess.run([accelerate, "launch", "--num_processes", "1", "finetune/sft.py", *args],
+                          capture_output=True, text=True, cwd=REPO, timeout=300,
+                          env=dict(os.environ, HF_HUB_OFFLINE="1", **env))
+
+
+def test_typo_through_accelerate_launch_is_one_clear_line():
+    proc = accelerate_launch("recipe=quickstart", "training.learning_rat=1e-4")
+    assert proc.returncode != 0
+    assert "Did you mean 'training.learning_rate'" in proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+
+
+def test_hub_recipe_offline_fails_with_guidance_not_a_traceback():
+    proc = accelerate_launch("recipe=alpaca", "training.output_dir=/tmp/finetune-test-offline")
+    assert proc.returncode != 0
+    err = proc.stderr.strip().splitlines()[-1]
+    assert err.startswith("error: could not load") and "Hugging Face Hub" in err
+    assert "model.name_or_path=" in err and "data.datasets=" in err
+    assert "Traceback" not in proc.stderr + proc.stdout
