@@ -27,7 +27,8 @@ ALPACA = {
 # The Japanese Alpaca-style prompt used by Japanese instruction-tuned LLaMA derivatives.
 ALPACA_JA = {
     "preamble": "以下は、タスクを説明する指示です。要求を適切に満たす応答を書きなさい。",
-    "preamble_input": "以下は、タスクを説明する指示と、文脈のある入力の組み合わせです。要求を適切に満たす応答を書きなさい。",
+    "preamble_input": "以下は、タスクを説明する指示と、文脈のある入力の組み合わせです。"
+    "要求を適切に満たす応答を書きなさい。",
     "instruction": "### 指示:\n",
     "input": "### 入力:\n",
     "response": "### 応答:\n",

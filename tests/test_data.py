@@ -30,7 +30,8 @@ def test_alpaca_dolly_and_chat_formats_become_turns(tmp_path):
                                  DatasetSpec(str(c), "conversations"), DatasetSpec(str(m), "messages"),
                                  DatasetSpec(str(t), "text")))
     assert len(train) == 6
-    assert {"turns": [{"role": "user", "content": "Add.", "input": "1 2"}, {"role": "assistant", "content": "3"}]} in train
+    assert {"turns": [{"role": "user", "content": "Add.", "input": "1 2"},
+                      {"role": "assistant", "content": "3"}]} in train
     assert {"turns": [{"role": "user", "content": "要約して", "input": "長い文"},
                       {"role": "assistant", "content": "短い文"}]} in train
     assert {"turns": [{"role": "system", "content": "S"}, {"role": "user", "content": "Hi"},

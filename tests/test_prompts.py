@@ -13,7 +13,7 @@ MULTI = {"turns": [{"role": "system", "content": "Be brief."},
 
 
 def trained_text(tokenizer, row):
-    return tokenizer.decode([t for t, lab in zip(row["input_ids"], row["labels"]) if lab != IGNORE])
+    return tokenizer.decode([t for t, lab in zip(row["input_ids"], row["labels"], strict=True) if lab != IGNORE])
 
 
 @pytest.mark.parametrize("style", ["alpaca", "alpaca-ja", "llama2", "chatml", "chat_template"])

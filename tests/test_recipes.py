@@ -59,7 +59,7 @@ def test_overrides_reach_nested_keys_and_list_items():
 
 
 def test_misspelt_key_names_the_closest_valid_one():
-    with pytest.raises(RecipeError, match=r"unknown key 'training.learning_rat'.*Did you mean 'training.learning_rate'"):
+    with pytest.raises(RecipeError, match=r"unknown key 'training.learning_rat'.*'training.learning_rate'"):
         recipe.load(["recipe=quickstart", "training.learning_rat=1e-4"])
     with pytest.raises(RecipeError, match=r"Did you mean 'training.micro_batch_size'"):
         recipe.load(["recipe=quickstart", "micro_batch_sise=2"])

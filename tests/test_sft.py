@@ -169,3 +169,20 @@ def test_empty_dataset_fails_through_the_cli(micro_base, tmp_path):
     proc = run_cli("recipe=quickstart", f"model.name_or_path={micro_base}",
                    f"data.datasets=[{{path: '{empty}', format: alpaca}}]", f"training.output_dir={tmp_path / 'o'}")
     assert proc.returncode == 2 and "empty.jsonl" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_lora_switches_reach_peft():
+    from finetune.modeling import peft_config
+    from finetune.recipe import LoraConfig
+
+    cfg = peft_config(LoraConfig(r=8, alpha=16, use_dora=True, use_rslora=True, target_modules=["q_proj"]))
+    assert (cfg.r, cfg.lora_alpha, cfg.use_dora, cfg.use_rslora) == (8, 16, True, True)
+    assert set(cfg.target_modules) == {"q_proj"}
+    assert peft_config(LoraConfig(method="full")) is None
+
+
+def test_dora_trains(micro_base, alpaca_file, tmp_path):
+    trainer, _ = sft.train(sft_recipe(micro_base, alpaca_file, tmp_path / "d", "lora.use_dora=true",
+                                      "training.max_steps=4"))
+    assert any("lora_magnitude_vector" in n for n, _ in trainer.model.named_parameters())
+    assert logged_losses(trainer)[-1] < logged_losses(trainer)[0]

@@ -1,0 +1,35 @@
+# make quickstart: install into .venv, then fine-tune the built-in tiny LLaMA offline on CPU and generate.
+# make test:       install the same way, then run the test suite (what CI runs).
+VENV ?= .venv
+PYTHON ?= python3
+BIN := $(VENV)/bin
+# Without a GPU, torch goes in first as the CPU build, so the package's `torch>=2.4` needs nothing more.
+# Elsewhere add the CPU index: make quickstart TORCH_INDEX='--index-url https://download.pytorch.org/whl/cpu'
+TORCH ?= torch==2.13.0
+TORCH_INDEX ?=
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: install quickstart test bench clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	if ! command -v nvidia-smi >/dev/null 2>&1; then $(BIN)/pip install -q "$(TORCH)" $(TORCH_INDEX); fi
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+quickstart: install
+	$(BIN)/accelerate launch --num_processes 1 finetune/sft.py recipe=quickstart resume=true
+	$(BIN)/python -m finetune.generate outputs/quickstart --max-new-tokens 48 \
+		"日本で一番高い山は何ですか？" "Give three tips for staying healthy."
+
+test: install
+	$(BIN)/python -m pytest -q
+
+bench: install
+	$(BIN)/python bench/sft_throughput.py
+
+clean:
+	rm -rf outputs .pytest_cache
