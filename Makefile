@@ -22,7 +22,7 @@ install: $(VENV)/.installed
 
 quickstart: install
 	$(BIN)/accelerate launch --num_processes 1 finetune/sft.py recipe=quickstart resume=true
-	$(BIN)/python -m finetune.generate outputs/quickstart --max-new-tokens 48 \
+	$(BIN)/python -m finetune.generate outputs/quickstart --sample --max-new-tokens 48 \
 		"日本で一番高い山は何ですか？" "Give three tips for staying healthy."
 
 test: install

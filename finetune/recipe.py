@@ -332,16 +332,19 @@ def schema_keys(cls: type = None, prefix: str = "") -> list[str]:
 
 
 def _unknown_key(key: str, cls: type) -> RecipeError:
-    valid = schema_keys()
-    leaf = key.rsplit(".", 1)[-1]
-    guess = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
-    if not guess:  # e.g. `learning_rat` given at the top level
-        by_leaf = {k.rsplit(".", 1)[-1]: k for k in valid}
-        leaf_guess = difflib.get_close_matches(leaf, list(by_leaf), n=1, cutoff=0.6)
-        guess = [by_leaf[leaf_guess[0]]] if leaf_guess else []
-    hint = f" Did you mean '{guess[0]}'?" if guess else ""
-    fields = ", ".join(f.name for f in dataclasses.fields(cls))
-    return RecipeError(f"unknown key '{key}'.{hint} Valid keys here: {fields}")
+    """Suggest the closest field of the same section, else the closest key anywhere (`learning_rat` at the top
+    level -> `training.learning_rate`)."""
+    prefix, _, leaf = key.rpartition(".")
+    names = [f.name for f in dataclasses.fields(cls)]
+    near = difflib.get_close_matches(leaf, names, n=1, cutoff=0.6)
+    if near:
+        guess = f"{prefix}.{near[0]}" if prefix else near[0]
+    else:
+        by_leaf = {k.rsplit(".", 1)[-1]: k for k in schema_keys()}
+        near = difflib.get_close_matches(leaf, list(by_leaf), n=1, cutoff=0.6)
+        guess = by_leaf[near[0]] if near else None
+    hint = f" Did you mean '{guess}'?" if guess else ""
+    return RecipeError(f"unknown key '{key}'.{hint} Valid keys here: {', '.join(names)}")
 
 
 def build(cls: type, data: Any, where: str = "") -> Any:

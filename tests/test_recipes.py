@@ -63,6 +63,8 @@ def test_misspelt_key_names_the_closest_valid_one():
         recipe.load(["recipe=quickstart", "training.learning_rat=1e-4"])
     with pytest.raises(RecipeError, match=r"Did you mean 'training.micro_batch_size'"):
         recipe.load(["recipe=quickstart", "micro_batch_sise=2"])
+    with pytest.raises(RecipeError, match=r"Did you mean 'data.datasets.0.max_samples'"):
+        recipe.load(["recipe=quickstart", "data.datasets.0.maxsamples=3"])
 
 
 def test_wrong_type_names_the_key_and_the_type_expected():
