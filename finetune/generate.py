@@ -22,10 +22,11 @@ from finetune.recipe import SFTRecipe
 
 def load(run_dir: str | Path):
     """(model, tokenizer, recipe) from an SFT output folder: base + adapter, or a saved full model."""
+    from finetune import modeling
+
+    modeling.quiet_library_warnings()  # before peft imports bitsandbytes
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from finetune import modeling
 
     run_dir = Path(run_dir)
     recipe_file = run_dir / "recipe.yaml"

@@ -15,6 +15,15 @@ from finetune.recipe import LoraConfig, ModelConfig, QuantizationConfig
 
 log = logging.getLogger(__name__)
 
+
+def quiet_library_warnings() -> None:
+    """Silence two warnings no user can act on: bitsandbytes asking for the `kernels` package (which downloads
+    kernels from the Hub at run time) on CPU, and peft calling transformers 5's renamed gradient_checkpointing."""
+    import warnings
+
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=".*gradient_checkpointing` is deprecated", category=FutureWarning)
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Attention kernels that honour position-id resets, so packed examples never attend to each other
 # (transformers builds a block-diagonal mask from them for sdpa/eager; flash-attn uses cu_seqlens).

@@ -60,18 +60,18 @@ def main(argv: list[str]) -> dict:
 
 def train(cfg: SFTRecipe, recipe_file: Path | None = None, callbacks: list | None = None):
     """Run the recipe; return (trainer, metrics). `callbacks` are extra transformers TrainerCallbacks."""
-    import warnings
+    from finetune import modeling
+
+    modeling.quiet_library_warnings()  # before trl/peft import bitsandbytes
 
     import datasets
     import torch
     from accelerate import PartialState
     from trl import SFTConfig
 
-    from finetune import modeling, prompts, throughput
+    from finetune import prompts, throughput
     from finetune.data import load_examples
 
-    # transformers 5 renamed gradient_checkpointing; peft still calls the old name. Nothing a user can act on.
-    warnings.filterwarnings("ignore", message=".*gradient_checkpointing` is deprecated", category=FutureWarning)
     state = PartialState()
     logging.basicConfig(level=logging.INFO if state.is_main_process else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
