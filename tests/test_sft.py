@@ -186,3 +186,15 @@ def test_dora_trains(micro_base, alpaca_file, tmp_path):
                                       "training.max_steps=4"))
     assert any("lora_magnitude_vector" in n for n, _ in trainer.model.named_parameters())
     assert logged_losses(trainer)[-1] < logged_losses(trainer)[0]
+
+
+def test_micro_batch_times_accumulation_gives_the_same_curve(micro_base, alpaca_file, tmp_path):
+    runs = {}
+    for micro, accum in ((4, 1), (2, 2), (1, 4)):
+        trainer, _ = sft.train(sft_recipe(micro_base, alpaca_file, tmp_path / f"{micro}x{accum}",
+                                          "training.max_steps=4", f"training.micro_batch_size={micro}",
+                                          f"training.gradient_accumulation_steps={accum}", "data.max_length=256"))
+        runs[(micro, accum)] = logged_losses(trainer)
+    reference = runs[(4, 1)]
+    for key, losses in runs.items():
+        assert losses == pytest.approx(reference, rel=2e-4), key
