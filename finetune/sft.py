@@ -55,6 +55,11 @@ def main(argv: list[str]) -> dict:
     if cfg.print_recipe:
         print(recipes.to_yaml(cfg), end="")
         return {}
+    from finetune.data import is_local
+    from finetune.hub import go_offline_if_unreachable
+
+    names = [cfg.model.name_or_path, cfg.model.tokenizer or ""] + [d.path for d in cfg.data.datasets]
+    go_offline_if_unreachable([n for n in names if n and not n.startswith("builtin:") and not is_local(n)])
     return train(cfg, recipe_file)[1]
 
 

@@ -115,6 +115,16 @@ def test_typo_through_accelerate_launch_is_one_clear_line():
     assert "Traceback" not in proc.stderr + proc.stdout
 
 
+def test_unreachable_hub_switches_to_the_cache_and_fails_fast():
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+    env["HF_ENDPOINT"] = "http://127.0.0.1:9"  # loopback, nothing listens: as unreachable as an offline machine
+    proc = subprocess.run([sys.executable, "-m", "finetune.sft", "recipe=alpaca", "training.output_dir=/tmp/ft-x"],
+                          capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
+    assert proc.returncode == 2
+    assert "Hub is unreachable; using the local cache only" in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: could not load")
+
+
 def test_hub_recipe_offline_fails_with_guidance_not_a_traceback():
     proc = accelerate_launch("recipe=alpaca", "training.output_dir=/tmp/finetune-test-offline")
     assert proc.returncode != 0

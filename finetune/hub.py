@@ -1,0 +1,45 @@
+"""Hub reachability: fail (or fall back to the local cache) in seconds, not after every file's time-out."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+from urllib.parse import urlparse
+
+log = logging.getLogger(__name__)
+
+PROBE_TIMEOUT_S = 3.0
+
+
+def offline() -> bool:
+    flags = (os.environ.get(k, "").upper() for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return any(flag in {"1", "TRUE", "YES", "ON"} for flag in flags)
+
+
+def reachable() -> bool:
+    """Can a TCP connection to the Hub endpoint be opened? Behind a proxy we can't tell, so we assume yes."""
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=PROBE_TIMEOUT_S).close()
+        return True
+    except OSError:
+        return False
+
+
+def go_offline_if_unreachable(hub_ids: list[str]) -> None:
+    """If the run names Hub IDs and the Hub can't be reached, re-run this process with HF_HUB_OFFLINE=1.
+
+    Offline mode makes transformers and datasets read the local cache (so cached models still load) and
+    fail at once where nothing is cached, instead of retrying every file for about a minute. Re-running is
+    the only reliable switch: both libraries read the flag once, at import time.
+    """
+    if not hub_ids or offline() or reachable():
+        return
+    log.warning("the Hugging Face Hub is unreachable; using the local cache only (HF_HUB_OFFLINE=1) for %s",
+                ", ".join(hub_ids))
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
