@@ -203,6 +203,8 @@ class TrainingConfig:
                 raise RecipeError(f"training.{key} must be positive, got {getattr(self, key)}")
         if self.learning_rate <= 0:
             raise RecipeError(f"training.learning_rate must be positive, got {self.learning_rate}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise RecipeError(f"training.warmup_ratio is a share of the steps, in [0, 1); got {self.warmup_ratio}")
 
 
 @dataclass

@@ -82,6 +82,8 @@ def test_unknown_recipe_suggests_the_closest():
 def test_bad_values_are_refused_with_the_key():
     with pytest.raises(RecipeError, match="lora.r must be positive"):
         recipe.load(["recipe=quickstart", "lora.r=0"])
+    with pytest.raises(RecipeError, match=r"warmup_ratio is a share of the steps"):
+        recipe.load(["recipe=quickstart", "training.warmup_ratio=100"])
     with pytest.raises(RecipeError, match="needs lora.method=lora"):
         recipe.load(["recipe=alpaca-qlora", "lora.method=full"])
 
