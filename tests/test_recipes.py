@@ -117,18 +117,18 @@ def test_typo_through_accelerate_launch_is_one_clear_line():
     assert "Traceback" not in proc.stderr + proc.stdout
 
 
-def test_unreachable_hub_switches_to_the_cache_and_fails_fast():
+def test_unreachable_hub_switches_to_the_cache_and_fails_fast(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
     env["HF_ENDPOINT"] = "http://127.0.0.1:9"  # loopback, nothing listens: as unreachable as an offline machine
-    proc = subprocess.run([sys.executable, "-m", "finetune.sft", "recipe=alpaca", "training.output_dir=/tmp/ft-x"],
+    proc = subprocess.run([sys.executable, "-m", "finetune.sft", "recipe=alpaca", f"training.output_dir={tmp_path}"],
                           capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
     assert proc.returncode == 2
     assert "Hub is unreachable; using the local cache only" in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("error: could not load")
 
 
-def test_hub_recipe_offline_fails_with_guidance_not_a_traceback():
-    proc = accelerate_launch("recipe=alpaca", "training.output_dir=/tmp/finetune-test-offline")
+def test_hub_recipe_offline_fails_with_guidance_not_a_traceback(tmp_path):
+    proc = accelerate_launch("recipe=alpaca", f"training.output_dir={tmp_path}")
     assert proc.returncode != 0
     err = proc.stderr.strip().splitlines()[-1]
     assert err.startswith("error: could not load") and "Hugging Face Hub" in err
