@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune.errors import DataError, HubUnreachableError
+from finetune.hub import hub_message
 from finetune.recipe import DataConfig, DatasetSpec
 
 log = logging.getLogger(__name__)
@@ -64,16 +65,6 @@ def load_raw(spec: DatasetSpec):
         return datasets.load_dataset(spec.path, spec.name, split=spec.split, revision=spec.revision)
     except Exception as e:
         raise HubUnreachableError(hub_message(f"dataset '{spec.path}'", e)) from None
-
-
-def hub_message(what: str, error: Exception) -> str:
-    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return (
-        f"could not load {what} from the Hugging Face Hub ({type(error).__name__}: {first}). "
-        "If this machine is offline, point the recipe at local copies, e.g. "
-        "model.name_or_path=/path/to/llama-folder 'data.datasets=[{path: /path/to/data.jsonl, format: alpaca}]', "
-        "or run the offline recipe: recipe=quickstart"
-    )
 
 
 def _field(record: dict, name: str, spec: DatasetSpec, index: int, required: bool) -> Any:

@@ -13,9 +13,14 @@ log = logging.getLogger(__name__)
 PROBE_TIMEOUT_S = 3.0
 
 
-def offline() -> bool:
-    flags = (os.environ.get(k, "").upper() for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
-    return any(flag in {"1", "TRUE", "YES", "ON"} for flag in flags)
+def hub_message(what: str, error: Exception) -> str:
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return (
+        f"could not load {what} from the Hugging Face Hub ({type(error).__name__}: {first}). "
+        "If this machine is offline, point the recipe at local copies, e.g. "
+        "model.name_or_path=/path/to/llama-folder 'data.datasets=[{path: /path/to/data.jsonl, format: alpaca}]', "
+        "or run the offline recipe: recipe=quickstart"
+    )
 
 
 def reachable() -> bool:
@@ -37,7 +42,9 @@ def go_offline_if_unreachable(hub_ids: list[str]) -> None:
     fail at once where nothing is cached, instead of retrying every file for about a minute. Re-running is
     the only reliable switch: both libraries read the flag once, at import time.
     """
-    if not hub_ids or offline() or reachable():
+    from huggingface_hub import constants  # reads HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE as the libraries do
+
+    if not hub_ids or constants.HF_HUB_OFFLINE or reachable():
         return
     log.warning("the Hugging Face Hub is unreachable; using the local cache only (HF_HUB_OFFLINE=1) for %s",
                 ", ".join(hub_ids))

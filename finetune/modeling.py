@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
-from finetune.data import hub_message
 from finetune.errors import HubUnreachableError, RecipeError
+from finetune.hub import hub_message
 from finetune.recipe import LoraConfig, ModelConfig, QuantizationConfig
 
 log = logging.getLogger(__name__)

@@ -9,9 +9,12 @@ every response by id, and kept in the labels, so the model learns to stop even w
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from finetune.errors import DataError
+
+log = logging.getLogger(__name__)
 
 IGNORE = -100
 
@@ -178,8 +181,6 @@ def tokenize_examples(examples: list[dict], cfg, tokenizer, name: str = "train")
 
     An example whose prompt alone fills max_length has nothing left to learn; it is dropped, and counted.
     """
-    import logging
-
     rows, cut, dropped = [], 0, []
     for i, example in enumerate(examples):
         try:
@@ -196,7 +197,7 @@ def tokenize_examples(examples: list[dict], cfg, tokenizer, name: str = "train")
         rows.append(row)
     stats = {"examples": len(examples), "cut_to_max_length": cut, "dropped_prompt_fills_max_length": len(dropped)}
     if cut or dropped:
-        logging.getLogger(__name__).warning(
+        log.warning(
             "%s: %d of %d examples were cut to data.max_length=%d; %d dropped because the prompt alone fills it%s",
             name, cut, len(examples), cfg.max_length, len(dropped), f" (indices {dropped[:10]})" if dropped else "")
     if not rows:

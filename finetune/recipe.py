@@ -378,10 +378,9 @@ def to_yaml(recipe: Any) -> str:
 
 
 def recipes_dir() -> Path:
-    """The checkout's `recipes/` (editable install), else the copy a wheel carries inside the package."""
-    package = Path(__file__).resolve().parent
-    checkout = package.parent / "recipes"
-    return checkout if checkout.is_dir() else package / "recipes"
+    from finetune import shipped_dir
+
+    return shipped_dir("recipes")
 
 
 def available_recipes() -> list[str]:

@@ -14,11 +14,11 @@ import logging
 import sys
 from pathlib import Path
 
+from finetune import shipped_dir
+
 log = logging.getLogger(__name__)
 
-# The checkout's data/ (editable install), else the copy a wheel carries inside the package.
-_HERE = Path(__file__).resolve().parent
-REPO_DATA = _HERE.parent / "data" if (_HERE.parent / "data").is_dir() else _HERE / "data"
+REPO_DATA = shipped_dir("data")
 DEFAULT_DIR = Path("outputs/base/tiny-llama")
 
 # A ChatML template, so `prompt_style: chat_template` works on the built-in base too.
