@@ -59,7 +59,7 @@ def precision_flags(precision: str) -> dict:
     return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
 
 
-def _load(what: str, name: str, loader, **kwargs):
+def from_pretrained(what: str, name: str, loader, **kwargs):
     try:
         return loader(name, **kwargs)
     except (OSError, ValueError) as e:
@@ -72,7 +72,7 @@ def load_tokenizer(cfg: ModelConfig):
     from transformers import AutoTokenizer
 
     name = resolve(cfg.tokenizer or cfg.name_or_path)
-    tokenizer = _load("tokenizer", name, AutoTokenizer.from_pretrained, revision=cfg.revision,
+    tokenizer = from_pretrained("tokenizer", name, AutoTokenizer.from_pretrained, revision=cfg.revision,
                       trust_remote_code=cfg.trust_remote_code)
     if tokenizer.eos_token_id is None:
         raise RecipeError(f"tokenizer {name} has no EOS token; the model could never learn to stop")
@@ -107,7 +107,7 @@ def load_model(cfg: ModelConfig, quant: QuantizationConfig | None = None):
         kwargs["quantization_config"] = qconfig
         # each process holds a whole 4-bit copy on its own device (DDP), as in the QLoRA recipes
         kwargs["device_map"] = {"": PartialState().local_process_index} if torch.cuda.is_available() else "cpu"
-    return _load("model", resolve(cfg.name_or_path), AutoModelForCausalLM.from_pretrained, **kwargs)
+    return from_pretrained("model", resolve(cfg.name_or_path), AutoModelForCausalLM.from_pretrained, **kwargs)
 
 
 def peft_config(cfg: LoraConfig):

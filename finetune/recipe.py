@@ -248,6 +248,194 @@ class SFTRecipe:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Pretraining schema (finetune/pretrain.py): from scratch, or continued from any LLaMA checkpoint
+# ----------------------------------------------------------------------------------------------------------
+
+CorpusFormat = Literal["auto", "text", "records", "man"]
+
+
+@dataclass
+class CorpusSpec:
+    name: str = ""
+    """Short name, used in logs, metrics (`val_loss/NAME`) and the cache (e.g. `en`, `ja`)."""
+    path: str = ""
+    """A local file, folder or glob (`/usr/share/man/ja/man*/*.gz`), or a Hub dataset ID (streamed)."""
+    format: CorpusFormat = "auto"
+    """auto: by suffix. text (.txt/.md: one document per file), records (.jsonl/.json/.parquet or a Hub
+    dataset: one document per record's `text_field`), man (roff manual pages, rendered with groff)."""
+    text_field: str = "text"
+    """The field holding a record's text."""
+    hub_name: str | None = None
+    """Hub dataset configuration (subset) name."""
+    split: str = "train"
+    """Hub split to stream."""
+    revision: str | None = None
+    """Hub revision of the dataset."""
+    max_documents: int | None = None
+    """Use at most this many documents: a seeded random subset of local files, or the first N of a Hub
+    stream. null: all (a Hub stream must set this or be finite)."""
+    weight: float = 1.0
+    """Share of training blocks drawn from this corpus; weights are normalised over the corpora, so
+    `{ja: 0.8, en: 0.2}` replays 20% of an original English corpus during continued pretraining."""
+
+    def __post_init__(self):
+        if not self.name or not self.path:
+            raise RecipeError("every entry of data.corpora needs a `name` and a `path` (file, folder, glob or Hub ID)")
+        if self.weight < 0:
+            raise RecipeError(f"corpus '{self.name}': weight must be >= 0, got {self.weight}")
+        if self.max_documents is not None and self.max_documents <= 0:
+            raise RecipeError(f"corpus '{self.name}': max_documents must be positive, got {self.max_documents}")
+
+
+@dataclass
+class CorpusConfig:
+    corpora: list[CorpusSpec] = field(default_factory=list)
+    """Corpora to mix by weight. A corpus of weight 0 is only evaluated (its validation loss is logged)."""
+    seq_len: int = 2048
+    """Tokens per packed block. Documents are joined with EOS and cut into blocks of this length."""
+    val_fraction: float = 0.01
+    """Share of each corpus's documents held out for validation (chosen by a hash of the document's name,
+    so the same documents are held out in every run, continued pretraining included)."""
+    nfkc: bool = False
+    """NFKC-normalise text (full-width ＡＢＣ -> ABC, half-width ｶﾅ -> カナ)."""
+    cache_dir: str = "outputs/cache"
+    """Where tokenised corpora are cached, keyed by corpus, files and tokenizer: tokenised once per machine."""
+    seed: int = 1234
+    """Seed of max_documents draws and of the block order (a fixed permutation per corpus and epoch)."""
+
+    def __post_init__(self):
+        if self.seq_len < 8:
+            raise RecipeError(f"data.seq_len must be at least 8, got {self.seq_len}")
+        if not 0.0 < self.val_fraction < 0.5:
+            raise RecipeError(f"data.val_fraction is a share of documents in (0, 0.5); got {self.val_fraction}")
+        names = [c.name for c in self.corpora]
+        if len(set(names)) != len(names):
+            raise RecipeError(f"data.corpora: names must be unique, got {names}")
+
+
+@dataclass
+class TokenizerConfig:
+    name_or_path: str | None = None
+    """Reuse this tokenizer (Hub ID or folder). null: the base model's when continuing, else train one."""
+    vocab_size: int = 32000
+    """Vocabulary of a trained tokenizer (byte-level BPE: every byte is a token, so nothing is unknown)."""
+    train_chars: int = 20_000_000
+    """Characters of training text (spread over the corpora by weight) to train the tokenizer on."""
+
+
+@dataclass
+class ArchitectureConfig:
+    base: str | None = None
+    """Continue pretraining this LLaMA checkpoint (Hub ID or folder). null: a new model of the shape below."""
+    hidden_size: int = 2048
+    """Model width (TinyLlama 1.1B: 2048)."""
+    intermediate_size: int = 5632
+    """SwiGLU MLP width (TinyLlama: 5632)."""
+    num_layers: int = 22
+    """Decoder layers (TinyLlama: 22)."""
+    num_heads: int = 32
+    """Attention heads (TinyLlama: 32)."""
+    num_kv_heads: int = 4
+    """Key/value heads: grouped-query attention, num_heads/num_kv_heads query heads share one (TinyLlama: 4)."""
+    rope_theta: float = 10000.0
+    """Rotary embedding base."""
+    tie_word_embeddings: bool = False
+    """Share the input embedding with the output head (LLaMA doesn't; saves vocab x hidden parameters)."""
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3"] = "sdpa"
+    """Attention kernel; sdpa picks flash attention on GPUs that have it."""
+    init_seed: int = 0
+    """Seed of the new model's initial weights."""
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
+            raise RecipeError(f"model: hidden_size ({self.hidden_size}) must divide by num_heads ({self.num_heads}),"
+                              f" and num_heads by num_kv_heads ({self.num_kv_heads})")
+
+
+@dataclass
+class PretrainTrainingConfig:
+    output_dir: str = "outputs/pretrain"
+    """Where checkpoints/, the final model + tokenizer, lineage.json, log.jsonl and metrics.json go."""
+    micro_batch_size: int = 8
+    """Blocks per device per forward pass."""
+    global_batch_tokens: int = 2**21
+    """Tokens per optimiser step over all devices (TinyLlama: 2M). Gradient accumulation makes up the rest:
+    accumulation = global_batch_tokens / (micro_batch_size x seq_len x devices), rounded, at least 1."""
+    max_steps: int | None = None
+    """Optimiser steps to train. null: max_tokens decides."""
+    max_tokens: int | None = None
+    """Training tokens, turned into steps of global_batch_tokens (used when max_steps is null)."""
+    learning_rate: float = 4e-4
+    """Peak learning rate (TinyLlama: 4e-4)."""
+    min_lr_ratio: float = 0.1
+    """The cosine decays to this share of the peak (LLaMA: 10%)."""
+    warmup_steps: int = 2000
+    """Linear warmup from 0 (TinyLlama: 2000). Continued pretraining warms up again from its own start."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    """AdamW betas (LLaMA: 0.9, 0.95)."""
+    weight_decay: float = 0.1
+    """AdamW weight decay on matrices (norm weights are not decayed)."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping threshold."""
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """auto: bf16 autocast (fp32 master weights) on GPUs with bf16, fp32 elsewhere."""
+    compile: bool = False
+    """torch.compile the model: faster steps on GPU after a compile of a minute or two."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: much less memory, ~30% slower."""
+    log_every: int = 1
+    """Log loss, lr, grad norm, tokens/s, MFU and peak memory every N steps."""
+    eval_every: int = 100
+    """Validation loss and perplexity (per corpus) every N steps, and before the first and after the last."""
+    eval_blocks: int = 32
+    """Validation blocks per corpus (at most), so evaluation stays short."""
+    save_every: int = 500
+    """Write a checkpoint (model, optimiser, scheduler, data position, RNG) every N steps, and at the end."""
+    keep_checkpoints: int = 2
+    """Keep only the newest N checkpoints."""
+    seed: int = 42
+    """Seed of the RNGs (torch, numpy, random) the run starts with."""
+
+    def __post_init__(self):
+        for key in ("micro_batch_size", "global_batch_tokens", "log_every", "eval_every", "save_every",
+                    "keep_checkpoints", "eval_blocks"):
+            if getattr(self, key) <= 0:
+                raise RecipeError(f"training.{key} must be positive, got {getattr(self, key)}")
+        if (self.max_steps is None) == (self.max_tokens is None):
+            raise RecipeError("set exactly one of training.max_steps and training.max_tokens "
+                              f"(got max_steps={self.max_steps}, max_tokens={self.max_tokens})")
+        if (self.max_steps or 1) <= 0 or (self.max_tokens or 1) <= 0:
+            raise RecipeError("training.max_steps / training.max_tokens must be positive")
+        if self.learning_rate <= 0 or not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise RecipeError(f"training.learning_rate must be positive and min_lr_ratio in [0, 1], got "
+                              f"{self.learning_rate}, {self.min_lr_ratio}")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise RecipeError(f"training.betas expects two numbers in [0, 1), got {self.betas}")
+
+
+@dataclass
+class PretrainRecipe:
+    model: ArchitectureConfig = field(default_factory=ArchitectureConfig)
+    """A new model's shape, or the checkpoint to continue from (`model.base`)."""
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    """Reuse a tokenizer or train one on the corpora."""
+    data: CorpusConfig = field(default_factory=CorpusConfig)
+    """Corpora, their mixture weights, sequence length, validation split."""
+    training: PretrainTrainingConfig = field(default_factory=PretrainTrainingConfig)
+    """Optimiser, token batch, schedule, checkpoints, logging."""
+    resume: bool = False
+    """Continue exactly from the newest checkpoint in training.output_dir."""
+    print_recipe: bool = False
+    """Print the resolved recipe as YAML and exit without training."""
+
+    def __post_init__(self):
+        if not self.data.corpora:
+            raise RecipeError("data.corpora is empty: name at least one corpus (name and path)")
+        if not any(c.weight > 0 for c in self.data.corpora):
+            raise RecipeError("data.corpora: at least one corpus needs a positive weight")
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Building dataclasses from plain dicts, with errors that name the key
 # ----------------------------------------------------------------------------------------------------------
 # Written by hand rather than with OmegaConf structured configs: OmegaConf 2.3 has no unions (we need
@@ -271,13 +459,13 @@ def _type_name(tp: Any) -> str:
     return tp.__name__
 
 
-def _coerce(tp: Any, value: Any, key: str) -> Any:
+def _coerce(tp: Any, value: Any, key: str, root: type) -> Any:
     origin = typing.get_origin(tp)
     wrong = RecipeError(f"key '{key}' expects {_type_name(tp)}, got {value!r} ({type(value).__name__})")
     if origin in (typing.Union, types.UnionType):
         for member in typing.get_args(tp):
             try:
-                return _coerce(member, value, key)
+                return _coerce(member, value, key, root)
             except RecipeError:
                 continue
         raise wrong
@@ -289,14 +477,14 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         if not isinstance(value, list | tuple):
             raise wrong
         (item,) = typing.get_args(tp)
-        return [_coerce(item, v, f"{key}.{i}") for i, v in enumerate(value)]
+        return [_coerce(item, v, f"{key}.{i}", root) for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
             raise wrong
         _, val_tp = typing.get_args(tp)
-        return {str(k): _coerce(val_tp, v, f"{key}.{k}") for k, v in value.items()}
+        return {str(k): _coerce(val_tp, v, f"{key}.{k}", root) for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
-        return build(tp, value, key)
+        return build(tp, value, key, root)
     if tp is type(None):
         if value is None:
             return None
@@ -320,9 +508,8 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     raise TypeError(f"schema type {tp!r} of '{key}' is not supported")  # a bug in the schema, not user input
 
 
-def schema_keys(cls: type = None, prefix: str = "") -> list[str]:
+def schema_keys(cls: type, prefix: str = "") -> list[str]:
     """Every dotted key of the schema, e.g. `training.learning_rate`."""
-    cls = cls or SFTRecipe
     hints = typing.get_type_hints(cls)
     keys = []
     for f in dataclasses.fields(cls):
@@ -333,7 +520,7 @@ def schema_keys(cls: type = None, prefix: str = "") -> list[str]:
     return keys
 
 
-def _unknown_key(key: str, cls: type) -> RecipeError:
+def _unknown_key(key: str, cls: type, root: type) -> RecipeError:
     """Suggest the closest field of the same section, else the closest key anywhere (`learning_rat` at the top
     level -> `training.learning_rate`)."""
     prefix, _, leaf = key.rpartition(".")
@@ -342,15 +529,15 @@ def _unknown_key(key: str, cls: type) -> RecipeError:
     if near:
         guess = f"{prefix}.{near[0]}" if prefix else near[0]
     else:
-        by_leaf = {k.rsplit(".", 1)[-1]: k for k in schema_keys()}
+        by_leaf = {k.rsplit(".", 1)[-1]: k for k in schema_keys(root)}
         near = difflib.get_close_matches(leaf, list(by_leaf), n=1, cutoff=0.6)
         guess = by_leaf[near[0]] if near else None
     hint = f" Did you mean '{guess}'?" if guess else ""
     return RecipeError(f"unknown key '{key}'.{hint} Valid keys here: {', '.join(names)}")
 
 
-def build(cls: type, data: Any, where: str = "") -> Any:
-    """Build dataclass `cls` from a dict, checking every key and type."""
+def build(cls: type, data: Any, where: str = "", root: type | None = None) -> Any:
+    """Build dataclass `cls` from a dict, checking every key and type (`root`: the whole recipe's class)."""
     if not isinstance(data, dict):
         raise RecipeError(f"key '{where or 'recipe'}' expects {_type_name(cls)}, got {data!r}")
     hints = typing.get_type_hints(cls)
@@ -359,8 +546,8 @@ def build(cls: type, data: Any, where: str = "") -> Any:
     for key, value in data.items():
         path = f"{where}.{key}" if where else str(key)
         if key not in names:
-            raise _unknown_key(path, cls)
-        kwargs[key] = _coerce(hints[key], value, path)
+            raise _unknown_key(path, cls, root or cls)
+        kwargs[key] = _coerce(hints[key], value, path, root or cls)
     return cls(**kwargs)
 
 
@@ -472,4 +659,18 @@ def load(argv: list[str], cls: type = SFTRecipe) -> tuple[Any, Path]:
     try:
         return build(cls, tree), file
     except RecipeError as e:
-        raise RecipeError(f"recipe {file}: {e}") from None
+        raise RecipeError(f"recipe {file}: {e}{_other_script_hint(file, cls)}") from None
+
+
+SCRIPTS = {"SFTRecipe": "sft.py", "PretrainRecipe": "pretrain.py"}
+
+
+def _other_script_hint(file: Path, cls: type) -> str:
+    """A recipe's header names its script (`accelerate launch finetune/pretrain.py recipe=...`): if that is
+    another script than the one running, say so."""
+    import re
+
+    found = re.search(r"finetune/(\w+\.py) recipe=", file.read_text(encoding="utf-8")[:2000])
+    if found and found.group(1) != SCRIPTS.get(cls.__name__, found.group(1)):
+        return f" (this recipe is for finetune/{found.group(1)})"
+    return ""

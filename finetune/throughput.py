@@ -60,6 +60,17 @@ class Throughput:
         return out
 
 
+def train_flops_per_token(model, seq_len: int) -> int:
+    """Training FLOPs per token, as in PaLM (appendix B) and TinyLlama's MFU: 6 per parameter that takes part
+    in a matrix multiply (all but the input embedding, a lookup), plus attention's 12 x layers x hidden x
+    seq_len (scores and weighted sum, forward and backward; the causal mask is not discounted)."""
+    cfg = model.config
+    params = sum(p.numel() for p in model.parameters())
+    if not cfg.tie_word_embeddings:
+        params -= model.get_input_embeddings().weight.numel()
+    return 6 * params + 12 * cfg.num_hidden_layers * cfg.hidden_size * seq_len
+
+
 def mark_complete(checkpoint_dir: str | os.PathLike) -> None:
     Path(checkpoint_dir, COMPLETE).touch()
 

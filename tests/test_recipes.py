@@ -9,23 +9,26 @@ import yaml
 
 from finetune import recipe
 from finetune.errors import RecipeError
-from finetune.recipe import SFTRecipe
+from finetune.recipe import PretrainRecipe, SFTRecipe
 
 from .conftest import REPO
 
 RECIPES = recipe.available_recipes()
+PRETRAIN = {"pretrain-tiny", "pretrain-120m", "pretrain-340m", "tinyllama-1b", "cpt-ja"}
 
 
 def test_the_documented_recipes_exist():
-    assert {"alpaca", "alpaca-qlora", "dolly-ja", "oasst-ja", "quickstart"} <= set(RECIPES)
+    assert {"alpaca", "alpaca-qlora", "dolly-ja", "oasst-ja", "quickstart"} | PRETRAIN <= set(RECIPES)
 
 
 @pytest.mark.parametrize("name", RECIPES)
 def test_every_recipe_parses_into_the_schema(name):
-    cfg, file = recipe.load([f"recipe={name}"])
-    assert isinstance(cfg, SFTRecipe) and cfg.data.datasets
+    schema, script = (PretrainRecipe, "pretrain.py") if name in PRETRAIN else (SFTRecipe, "sft.py")
+    cfg, file = recipe.load([f"recipe={name}"], schema)
+    assert isinstance(cfg, schema)
+    assert cfg.data.corpora if schema is PretrainRecipe else cfg.data.datasets
     text = file.read_text(encoding="utf-8")
-    assert text.startswith("#") and "accelerate launch finetune/sft.py recipe=" in text.split("\n\n")[0]
+    assert text.startswith("#") and f"finetune/{script} recipe={name}" in text.split("\n\n")[0]
     assert "# Data" in text or "defaults:" in text
 
 
