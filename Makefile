@@ -1,4 +1,4 @@
-# make quickstart: install into .venv, then fine-tune the built-in tiny LLaMA offline on CPU and generate.
+# make quickstart: install into .venv, pretrain a tiny LLaMA on manual pages, fine-tune it, generate; offline, CPU.
 # make test:       install the same way, then run the test suite (what CI runs).
 VENV ?= .venv
 PYTHON ?= python3
@@ -10,7 +10,9 @@ TORCH_INDEX ?=
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install quickstart test bench clean
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: install corpora quickstart test bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,7 +22,15 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-quickstart: install
+# The offline pretraining corpus: English and Japanese manual pages, read where Debian's packages install them.
+corpora:
+	@if [ ! -d /usr/share/man/ja/man1 ] || [ ! -d /usr/share/man/man7 ] || ! command -v groff >/dev/null; then \
+		$(SUDO) apt-get install -y -q --no-install-recommends manpages manpages-ja groff-base \
+		|| { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q --no-install-recommends manpages manpages-ja groff-base; } \
+		|| echo "could not install manpages manpages-ja groff-base: pretraining will say what is missing"; fi
+
+quickstart: install corpora
+	$(BIN)/accelerate launch --num_processes 1 finetune/pretrain.py recipe=pretrain-tiny resume=true
 	$(BIN)/accelerate launch --num_processes 1 finetune/sft.py recipe=quickstart resume=true
 	$(BIN)/python -m finetune.generate outputs/quickstart --sample --max-new-tokens 48 \
 		"日本で一番高い山は何ですか？" "Give three tips for staying healthy."
@@ -28,8 +38,9 @@ quickstart: install
 test: install
 	$(BIN)/python -m pytest -q
 
-bench: install
+bench: install corpora
 	$(BIN)/python bench/sft_throughput.py
+	$(BIN)/python bench/pretrain_throughput.py
 
 clean:
 	rm -rf outputs .pytest_cache

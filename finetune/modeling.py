@@ -65,6 +65,11 @@ def from_pretrained(what: str, name: str, loader, **kwargs):
     except (OSError, ValueError) as e:
         if Path(name).exists():
             raise RecipeError(f"could not load {what} from {name}: {e}") from None
+        from finetune.recipe import recipe_writing
+
+        if made_by := recipe_writing(name):
+            raise RecipeError(f"no {what} in '{name}' yet: it is what `accelerate launch {made_by}` writes; "
+                              "run that first") from None
         raise HubUnreachableError(hub_message(f"{what} '{name}'", e)) from None
 
 

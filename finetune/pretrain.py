@@ -80,6 +80,13 @@ def checkpoints(folder: Path) -> list[Path]:
     return [d for _, d in sorted(found)]
 
 
+def batch_shape(cfg: PretrainRecipe, world: int) -> tuple[int, int]:
+    """(gradient accumulation steps, tokens per optimiser step) that come closest to global_batch_tokens."""
+    per_pass = cfg.training.micro_batch_size * cfg.data.seq_len * world
+    accum = max(1, round(cfg.training.global_batch_tokens / per_pass))
+    return accum, accum * per_pass
+
+
 def new_model(cfg: PretrainRecipe, tokenizer):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -224,8 +231,7 @@ def train(cfg: PretrainRecipe, recipe_file: Path | None = None) -> dict:
         corpora = corpus.prepare(cfg.data, cfg.tokenizer, tokenizer_source)
     tokenizer = corpora.tokenizer
     seq_len, world, micro = cfg.data.seq_len, accelerator.num_processes, t.micro_batch_size
-    accum = max(1, round(t.global_batch_tokens / (micro * seq_len * world)))
-    step_tokens = accum * micro * seq_len * world
+    accum, step_tokens = batch_shape(cfg, world)
     total_steps = t.max_steps or max(1, round(t.max_tokens / step_tokens))
     for c in corpora.summary():
         log.info("corpus %s: weight %g, %s training tokens (%.2f characters per token), %s validation tokens",
@@ -250,7 +256,7 @@ def train(cfg: PretrainRecipe, recipe_file: Path | None = None) -> dict:
     vectors = [p for p in model.parameters() if p.ndim < 2]  # RMSNorm weights: decaying them only hurts
     optimizer = torch.optim.AdamW(
         [{"params": matrices, "weight_decay": t.weight_decay}, {"params": vectors, "weight_decay": 0.0}],
-        lr=t.learning_rate, betas=tuple(t.betas), fused=torch.cuda.is_available())
+        lr=t.learning_rate, betas=tuple(t.betas), fused=accelerator.device.type in ("cuda", "cpu"))
     if t.compile:
         model = torch.compile(model)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -302,7 +308,8 @@ def train(cfg: PretrainRecipe, recipe_file: Path | None = None) -> dict:
         state.tokens += step_tokens
         loss = state.loss = accelerator.reduce(loss_sum / accum, "mean").item()
         elapsed = time.perf_counter() - start
-        row = {"step": state.step, "loss": round(loss, 4), "lr": lr, "grad_norm": round(float(grad_norm), 4),
+        row = {"step": state.step, "time": round(time.time(), 3), "loss": round(loss, 4), "lr": lr,
+               "grad_norm": round(float(grad_norm), 4),
                "tokens_per_s": round(step_tokens / elapsed, 1), "peak_mem_gb": round(peak_memory_gb(), 3),
                "tokens": state.tokens}
         if peak:

@@ -665,6 +665,18 @@ def load(argv: list[str], cls: type = SFTRecipe) -> tuple[Any, Path]:
 SCRIPTS = {"SFTRecipe": "sft.py", "PretrainRecipe": "pretrain.py"}
 
 
+def recipe_writing(path: str) -> str | None:
+    """`finetune/pretrain.py recipe=pretrain-tiny` if a shipped recipe writes to `path` (e.g. outputs/pretrain-tiny)."""
+    import re
+
+    for file in sorted(recipes_dir().glob("*.yaml")):
+        text = file.read_text(encoding="utf-8")
+        if re.search(rf"^\s*output_dir:\s*{re.escape(path.rstrip('/'))}/?\s*(#.*)?$", text, re.MULTILINE):
+            script = re.search(r"finetune/\w+\.py", text)
+            return f"{script.group(0) if script else 'finetune/sft.py'} recipe={file.stem}"
+    return None
+
+
 def _other_script_hint(file: Path, cls: type) -> str:
     """A recipe's header names its script (`accelerate launch finetune/pretrain.py recipe=...`): if that is
     another script than the one running, say so."""

@@ -339,3 +339,13 @@ def test_cli_reports_a_missing_corpus_in_one_line(tmp_path):
 def test_an_sft_recipe_given_to_pretrain_says_which_script_it_is_for():
     with pytest.raises(RecipeError, match=r"this recipe is for finetune/sft\.py"):
         load(["recipe=quickstart"])
+
+
+def test_fine_tuning_before_the_base_is_pretrained_says_what_to_run(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "finetune.sft", "recipe=quickstart",
+                           f"training.output_dir={tmp_path}/out"], capture_output=True, text=True, cwd=tmp_path,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: no tokenizer in 'outputs/pretrain-tiny' yet: it is what "
+        "`accelerate launch finetune/pretrain.py recipe=pretrain-tiny` writes; run that first")
