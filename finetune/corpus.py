@@ -230,7 +230,7 @@ def _source_key(spec: CorpusSpec, cfg: CorpusConfig) -> str:
     if is_hub_id(spec.path):
         source += [spec.hub_name, spec.split, spec.revision]
     else:
-        source += [(str(f), f.stat().st_size, int(f.stat().st_mtime)) for f in local_files(spec)]
+        source += [(str(f), st.st_size, int(st.st_mtime)) for f in local_files(spec) for st in [f.stat()]]
     return _key(*source)
 
 

@@ -119,13 +119,21 @@ def load_base(cfg: PretrainRecipe, tokenizer):
     return model
 
 
-def loss_of(model, blocks):
+def loss_of(model, blocks, fused: bool = False):
     """Mean next-token loss of a batch of blocks (L+1 tokens each: inputs are the first L, targets the last L).
-    Computed here rather than with `labels=`, which would shift again and drop each block's last target."""
+    Computed here rather than with `labels=`, which would shift again and drop each block's last target.
+    `fused`: the decoder's hidden states go straight into the fused head + loss (finetune/fused_loss.py)."""
+    import torch
     import torch.nn.functional as F
 
-    logits = model(input_ids=blocks[:, :-1]).logits
-    return F.cross_entropy(logits.float().flatten(0, 1), blocks[:, 1:].flatten())
+    inputs, targets = blocks[:, :-1], blocks[:, 1:].flatten()
+    if fused and torch.is_grad_enabled():
+        from finetune.fused_loss import fused_linear_cross_entropy
+
+        hidden = model.get_decoder()(input_ids=inputs).last_hidden_state
+        return fused_linear_cross_entropy(hidden.flatten(0, 1), model.get_output_embeddings().weight, targets)
+    logits = model(input_ids=inputs).logits
+    return F.cross_entropy(logits.float().flatten(0, 1), targets)
 
 
 def batch_of(blocks, pairs, device):
@@ -200,7 +208,7 @@ def train(cfg: PretrainRecipe, recipe_file: Path | None = None) -> dict:
     """Run the recipe; return its metrics (also written to output_dir/metrics.json)."""
     import torch
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import DistributedType, set_seed
     from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
     from finetune import corpus
@@ -260,6 +268,10 @@ def train(cfg: PretrainRecipe, recipe_file: Path | None = None) -> dict:
     if t.compile:
         model = torch.compile(model)
     model, optimizer = accelerator.prepare(model, optimizer)
+    # The fused head calls the decoder and the head's weight directly, which only a model that no wrapper
+    # shards or synchronises allows (one process, not compiled); elsewhere the model's own head runs.
+    fused = t.fused_loss and accelerator.distributed_type == DistributedType.NO and not t.compile
+    log.info("loss: %s", "fused output layer + cross-entropy" if fused else "the model's head, then cross-entropy")
     # The scheduler is stepped by us once per optimiser step, so it is not passed through prepare() (which
     # would step it once per process); it is still saved with the checkpoint.
     scheduler = get_cosine_with_min_lr_schedule_with_warmup(optimizer, min(t.warmup_steps, total_steps - 1),
@@ -295,8 +307,8 @@ def train(cfg: PretrainRecipe, recipe_file: Path | None = None) -> dict:
         loss_sum = torch.zeros((), device=accelerator.device)
         for k in range(accum):
             batch = batch_of(corpora.train, pairs[k * micro:(k + 1) * micro], accelerator.device)
-            with accelerator.no_sync(model) if k < accum - 1 else nullcontext():
-                loss = loss_of(model, batch)
+            with accelerator.no_sync(model) if k < accum - 1 else nullcontext(), accelerator.autocast():
+                loss = loss_of(model, batch, fused)
                 accelerator.backward(loss / accum)
             loss_sum += loss.detach()
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)

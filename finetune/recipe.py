@@ -383,6 +383,10 @@ class PretrainTrainingConfig:
     """torch.compile the model: faster steps on GPU after a compile of a minute or two."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: much less memory, ~30% slower."""
+    fused_loss: bool = True
+    """Fuse the output layer into the loss, chunk by chunk: the micro_batch x seq_len x vocab logits never exist
+    (8 GiB at TinyLlama's 16 x 2048 x 32000 in fp32), ~10% faster on CPU. Applies on one process without
+    torch.compile; with DDP, FSDP or compile the model's own head runs."""
     log_every: int = 1
     """Log loss, lr, grad norm, tokens/s, MFU and peak memory every N steps."""
     eval_every: int = 100
@@ -672,17 +676,17 @@ def recipe_writing(path: str) -> str | None:
     for file in sorted(recipes_dir().glob("*.yaml")):
         text = file.read_text(encoding="utf-8")
         if re.search(rf"^\s*output_dir:\s*{re.escape(path.rstrip('/'))}/?\s*(#.*)?$", text, re.MULTILINE):
-            script = re.search(r"finetune/\w+\.py", text)
+            script = re.search(rf"finetune/\w+\.py(?= recipe={re.escape(file.stem)}\b)", text)
             return f"{script.group(0) if script else 'finetune/sft.py'} recipe={file.stem}"
     return None
 
 
 def _other_script_hint(file: Path, cls: type) -> str:
-    """A recipe's header names its script (`accelerate launch finetune/pretrain.py recipe=...`): if that is
+    """A recipe's header names its script (`accelerate launch finetune/pretrain.py recipe=NAME`): if that is
     another script than the one running, say so."""
     import re
 
-    found = re.search(r"finetune/(\w+\.py) recipe=", file.read_text(encoding="utf-8")[:2000])
+    found = re.search(rf"finetune/(\w+\.py) recipe={re.escape(file.stem)}\b", file.read_text(encoding="utf-8")[:2000])
     if found and found.group(1) != SCRIPTS.get(cls.__name__, found.group(1)):
         return f" (this recipe is for finetune/{found.group(1)})"
     return ""

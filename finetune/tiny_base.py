@@ -1,8 +1,9 @@
-"""`builtin:tiny-llama`: a small LLaMA the suite builds itself, for offline CPU runs and tests.
+"""`builtin:tiny-llama`: a small, randomly initialised LLaMA the suite builds in a second, for tests and
+benchmarks; and the byte-level BPE tokenizer training that pretraining uses too.
 
-Its byte-level BPE tokenizer is trained on the bundled data in `data/` (English and Japanese), so no
-character is ever unknown; the weights are freshly initialised (seeded, so every build is identical).
-The bundled pretraining module (`finetune/pretrain.py`) replaces this with a pretrained base.
+Its tokenizer is trained on the bundled data in `data/` (English and Japanese), so no character is ever
+unknown; the weights are freshly initialised (seeded, so every build is identical). A pretrained base comes
+from `finetune/pretrain.py` (`recipe=pretrain-tiny` on CPU), which the quickstart fine-tunes.
 
     python -m finetune.tiny_base outputs/base/tiny-llama
 """
