@@ -11,6 +11,8 @@ export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+# accelerate launch gives a CPU process one thread unless told otherwise: half this 2-core machine's speed.
+LAUNCH := $(BIN)/accelerate launch --num_processes 1 --num_cpu_threads_per_process $(shell nproc)
 
 .PHONY: install corpora quickstart test bench clean
 
@@ -30,8 +32,8 @@ corpora:
 		|| echo "could not install manpages manpages-ja groff-base: pretraining will say what is missing"; fi
 
 quickstart: install corpora
-	$(BIN)/accelerate launch --num_processes 1 finetune/pretrain.py recipe=pretrain-tiny resume=true
-	$(BIN)/accelerate launch --num_processes 1 finetune/sft.py recipe=quickstart resume=true
+	$(LAUNCH) finetune/pretrain.py recipe=pretrain-tiny resume=true
+	$(LAUNCH) finetune/sft.py recipe=quickstart resume=true
 	$(BIN)/python -m finetune.generate outputs/quickstart --sample --max-new-tokens 48 \
 		"日本で一番高い山は何ですか？" "Give three tips for staying healthy."
 

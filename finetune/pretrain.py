@@ -211,7 +211,7 @@ def train(cfg: PretrainRecipe, recipe_file: Path | None = None) -> dict:
     from accelerate.utils import DistributedType, set_seed
     from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
-    from finetune import corpus
+    from finetune import corpus, throughput
     from finetune.throughput import device_peak_flops, peak_memory_gb, train_flops_per_token
 
     t = cfg.training
@@ -222,6 +222,8 @@ def train(cfg: PretrainRecipe, recipe_file: Path | None = None) -> dict:
     logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # a line per file saved, at every checkpoint
+    if accelerator.num_processes == 1:
+        throughput.warn_if_cpu_threads_capped(log)
     out = Path(t.output_dir)
     ckpt_dir = out / "checkpoints"
     latest = checkpoints(ckpt_dir)[-1] if checkpoints(ckpt_dir) else None
@@ -299,6 +301,7 @@ def train(cfg: PretrainRecipe, recipe_file: Path | None = None) -> dict:
         record({"step": 0, **state.initial_val})
         log.info("step 0 | val loss %s", _val_summary(state.initial_val, corpora.names))
     peak = device_peak_flops()
+    timed_tokens, timed_seconds = 0, 0.0
     model.train()
     last_val = state.initial_val
     while state.step < total_steps:
@@ -320,6 +323,7 @@ def train(cfg: PretrainRecipe, recipe_file: Path | None = None) -> dict:
         state.tokens += step_tokens
         loss = state.loss = accelerator.reduce(loss_sum / accum, "mean").item()
         elapsed = time.perf_counter() - start
+        timed_tokens, timed_seconds = timed_tokens + step_tokens, timed_seconds + elapsed
         row = {"step": state.step, "time": round(time.time(), 3), "loss": round(loss, 4), "lr": lr,
                "grad_norm": round(float(grad_norm), 4),
                "tokens_per_s": round(step_tokens / elapsed, 1), "peak_mem_gb": round(peak_memory_gb(), 3),
@@ -355,11 +359,13 @@ def train(cfg: PretrainRecipe, recipe_file: Path | None = None) -> dict:
     }
     metrics = {"steps": state.step, "tokens": state.tokens, "parameters": n_params,
                "initial_val": state.initial_val, "final_val": last_val, "final_train_loss": state.loss,
+               "tokens_per_s": round(timed_tokens / timed_seconds, 1) if timed_seconds else None,
                "peak_mem_gb": round(peak_memory_gb(), 3)}
     save_model(accelerator, model, tokenizer, out, {"lineage.json": lineage, "metrics.json": metrics})
-    log.info("done: val loss %.4f -> %.4f (%s); model in %s", state.initial_val["val_loss"], last_val["val_loss"],
+    log.info("done: val loss %.4f -> %.4f (%s); %s tokens/s, peak memory %.2f GB; model in %s",
+             state.initial_val["val_loss"], last_val["val_loss"],
              ", ".join(f"{n} {state.initial_val[f'val_loss/{n}']:.3f} -> {last_val[f'val_loss/{n}']:.3f}"
-                       for n in corpora.names), out)
+                       for n in corpora.names), f"{metrics['tokens_per_s'] or 0:,.0f}", metrics["peak_mem_gb"], out)
     accelerator.end_training()
     return metrics
 

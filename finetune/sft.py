@@ -81,6 +81,8 @@ def train(cfg: SFTRecipe, recipe_file: Path | None = None, callbacks: list | Non
     logging.basicConfig(level=logging.INFO if state.is_main_process else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     datasets.disable_progress_bars()
+    if state.num_processes == 1:
+        throughput.warn_if_cpu_threads_capped(log)
     out = Path(cfg.training.output_dir)
     checkpoint = throughput.latest_complete_checkpoint(out) if cfg.resume else None
     if not cfg.resume and any(out.glob("checkpoint-*")):

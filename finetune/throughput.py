@@ -24,6 +24,18 @@ def peak_memory_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
+def warn_if_cpu_threads_capped(log) -> None:
+    """`accelerate launch` runs a CPU process with OMP_NUM_THREADS=1 unless given --num_cpu_threads_per_process:
+    say so when torch uses fewer threads than the cores it may run on."""
+    if torch.cuda.is_available():
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if torch.get_num_threads() < cores:
+        log.warning("torch computes on %d of %d CPU cores (OMP_NUM_THREADS=%s; accelerate launch sets 1 by default): "
+                    "add --num_cpu_threads_per_process %d to accelerate launch to use them all",
+                    torch.get_num_threads(), cores, os.environ.get("OMP_NUM_THREADS", "unset"), cores)
+
+
 def device_peak_flops() -> float | None:
     if not torch.cuda.is_available():
         return None

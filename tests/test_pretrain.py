@@ -211,6 +211,7 @@ def test_pretraining_lowers_validation_loss_and_writes_a_loadable_model(trained)
     out, metrics = trained
     assert metrics["final_val"]["val_loss"] < metrics["initial_val"]["val_loss"] - 0.8  # perplexity / 2.2
     assert metrics["initial_val"]["val_loss"] == pytest.approx(math.log(512), abs=0.3)  # starts near uniform
+    assert metrics["tokens_per_s"] > 0 and metrics["peak_mem_gb"] > 0
     rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "loss" in r]
     assert [r["step"] for r in steps] == list(range(1, 33))
