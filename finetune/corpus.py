@@ -245,14 +245,8 @@ def _publish(tmp: Path, final: Path) -> Path:
     return final
 
 
-def extract_text(spec: CorpusSpec, cfg: CorpusConfig) -> Path:
-    """Documents of one corpus as train.jsonl / val.jsonl, cached."""
-    out = Path(cfg.cache_dir) / "text" / f"{spec.name}-{_source_key(spec, cfg)}"
-    if (out / "meta.json").exists():
-        return out
-    tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=True)
-    stats = {"train_documents": 0, "val_documents": 0, "empty_documents": 0, "alias_pages": 0}
+def _split_documents(spec: CorpusSpec, cfg: CorpusConfig, tmp: Path, stats: dict) -> None:
+    """Write the corpus's documents into tmp/train.jsonl and tmp/val.jsonl, counting them in `stats`."""
     held_back = None  # the first training document, kept aside in case no other lands in the val split
     count = 0
     with (tmp / "train.jsonl").open("w", encoding="utf-8") as train, \
@@ -277,6 +271,21 @@ def extract_text(spec: CorpusSpec, cfg: CorpusConfig) -> Path:
             split = "val" if stats["val_documents"] == 0 else "train"  # a tiny corpus still gets validation
             (val if split == "val" else train).write(held_back)
             stats[f"{split}_documents"] += 1
+
+
+def extract_text(spec: CorpusSpec, cfg: CorpusConfig) -> Path:
+    """Documents of one corpus as train.jsonl / val.jsonl, cached."""
+    out = Path(cfg.cache_dir) / "text" / f"{spec.name}-{_source_key(spec, cfg)}"
+    if (out / "meta.json").exists():
+        return out
+    tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    stats = {"train_documents": 0, "val_documents": 0, "empty_documents": 0, "alias_pages": 0}
+    try:
+        _split_documents(spec, cfg, tmp, stats)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a bad record mid-corpus leaves no half-written cache behind
+        raise
     if stats["train_documents"] == 0:
         shutil.rmtree(tmp)
         found = stats["val_documents"] + stats["empty_documents"]

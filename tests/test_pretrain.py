@@ -149,6 +149,7 @@ def test_a_record_without_text_names_the_file_and_record(tmp_path):
     cfg = CorpusConfig(corpora=[CorpusSpec(name="c", path=str(path))], cache_dir=str(tmp_path / "cache"))
     with pytest.raises(DataError, match=r"corpus 'c', .*c\.jsonl record 2: expected a string field 'text'"):
         corpus.prepare(cfg, TokenizerConfig(vocab_size=300), None)
+    assert not list((tmp_path / "cache" / "text").iterdir())  # no half-written cache left behind
 
 
 def test_a_corpus_smaller_than_one_block_says_what_to_change(tmp_path, corpus_dir):
