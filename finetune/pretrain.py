@@ -362,10 +362,11 @@ def train(cfg: PretrainRecipe, recipe_file: Path | None = None) -> dict:
                "tokens_per_s": round(timed_tokens / timed_seconds, 1) if timed_seconds else None,
                "peak_mem_gb": round(peak_memory_gb(), 3)}
     save_model(accelerator, model, tokenizer, out, {"lineage.json": lineage, "metrics.json": metrics})
-    log.info("done: val loss %.4f -> %.4f (%s); %s tokens/s, peak memory %.2f GB; model in %s",
+    speed = f"{metrics['tokens_per_s']:,.0f} tokens/s" if metrics["tokens_per_s"] else "no steps were left to train"
+    log.info("done: val loss %.4f -> %.4f (%s); %s, peak memory %.2f GB; model in %s",
              state.initial_val["val_loss"], last_val["val_loss"],
              ", ".join(f"{n} {state.initial_val[f'val_loss/{n}']:.3f} -> {last_val[f'val_loss/{n}']:.3f}"
-                       for n in corpora.names), f"{metrics['tokens_per_s'] or 0:,.0f}", metrics["peak_mem_gb"], out)
+                       for n in corpora.names), speed, metrics["peak_mem_gb"], out)
     accelerator.end_training()
     return metrics
 
