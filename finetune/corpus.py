@@ -466,13 +466,10 @@ def prepare(cfg: CorpusConfig, tok_cfg: TokenizerConfig, tokenizer_source: str |
     else:
         from transformers import AutoTokenizer
 
-        from finetune.modeling import from_pretrained
+        from finetune.modeling import from_pretrained, with_eos_and_pad
 
         tokenizer = from_pretrained("tokenizer", tokenizer_source, AutoTokenizer.from_pretrained)
-    if tokenizer.eos_token_id is None:
-        raise DataError(f"tokenizer {tokenizer_source} has no EOS token, which separates documents")
-    if tokenizer.pad_token is None:  # fine-tuning pads batches; EOS is what LLaMA recipes pad with
-        tokenizer.pad_token = tokenizer.eos_token
+        tokenizer = with_eos_and_pad(tokenizer, tokenizer_source)
     if tokenizer.chat_template is None:  # so `prompt_style: chat_template` works on the model we train
         from finetune.tiny_base import CHAT_TEMPLATE
 

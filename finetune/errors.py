@@ -15,3 +15,15 @@ class DataError(FinetuneError):
 
 class HubUnreachableError(FinetuneError):
     """A model or dataset named by Hub ID could not be fetched (offline, or no network)."""
+
+
+def run_cli(main, *args) -> None:
+    """Run an entry point: a FinetuneError becomes one `error: ...` line and exit code 2, which
+    finetune._launch_hook recognises to spare the user accelerate launch's traceback."""
+    import sys
+
+    try:
+        main(*args)
+    except FinetuneError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -10,13 +10,12 @@ model sees the same prompt layout it was trained on.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import yaml
 
 from finetune import recipe as recipes
-from finetune.errors import FinetuneError, RecipeError
+from finetune.errors import RecipeError, run_cli
 from finetune.recipe import SFTRecipe
 
 
@@ -66,14 +65,14 @@ def cli() -> None:
     parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     parser.add_argument("--temperature", type=float, default=0.7)
     args = parser.parse_args()
-    try:
+
+    def main():
         model, tokenizer, cfg = load(args.run_dir)
         for instruction in args.instruction:
             text = generate(model, tokenizer, cfg, instruction, args.max_new_tokens, args.sample, args.temperature)
             print(f">>> {instruction}\n{text}\n")
-    except FinetuneError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+
+    run_cli(main)
 
 
 if __name__ == "__main__":

@@ -78,9 +78,15 @@ def load_tokenizer(cfg: ModelConfig):
 
     name = resolve(cfg.tokenizer or cfg.name_or_path)
     tokenizer = from_pretrained("tokenizer", name, AutoTokenizer.from_pretrained, revision=cfg.revision,
-                      trust_remote_code=cfg.trust_remote_code)
+                                trust_remote_code=cfg.trust_remote_code)
+    return with_eos_and_pad(tokenizer, name)
+
+
+def with_eos_and_pad(tokenizer, name: str):
+    """Refuse a tokenizer without EOS (it ends every pretraining document and every fine-tuning answer); pad
+    with EOS where it has no pad token."""
     if tokenizer.eos_token_id is None:
-        raise RecipeError(f"tokenizer {name} has no EOS token; the model could never learn to stop")
+        raise RecipeError(f"tokenizer {name} has no EOS token: documents and answers could never end")
     if tokenizer.pad_token is None:
         # Safe: padding is masked by position in the collator, so EOS labels are kept (see prompts.py).
         tokenizer.pad_token = tokenizer.eos_token

@@ -33,7 +33,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 from finetune import recipe as recipes
-from finetune.errors import FinetuneError, RecipeError
+from finetune.errors import RecipeError, run_cli
 from finetune.recipe import PretrainRecipe
 
 log = logging.getLogger("finetune.pretrain")
@@ -212,7 +212,7 @@ def train(cfg: PretrainRecipe, recipe_file: Path | None = None) -> dict:
     from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
     from finetune import corpus, throughput
-    from finetune.throughput import device_peak_flops, peak_memory_gb, train_flops_per_token
+    from finetune.throughput import mfu, peak_memory_gb, train_flops_per_token
 
     t = cfg.training
     precision = t.precision
@@ -226,7 +226,8 @@ def train(cfg: PretrainRecipe, recipe_file: Path | None = None) -> dict:
         throughput.warn_if_cpu_threads_capped(log)
     out = Path(t.output_dir)
     ckpt_dir = out / "checkpoints"
-    latest = checkpoints(ckpt_dir)[-1] if checkpoints(ckpt_dir) else None
+    found = checkpoints(ckpt_dir)
+    latest = found[-1] if found else None
     if latest and not cfg.resume:
         raise RecipeError(f"{out} already holds checkpoints (newest: {latest.name}): add resume=true to continue "
                           "that run, or choose another training.output_dir")
@@ -300,7 +301,6 @@ def train(cfg: PretrainRecipe, recipe_file: Path | None = None) -> dict:
         state.initial_val = evaluate(model, corpora, cfg, accelerator)
         record({"step": 0, **state.initial_val})
         log.info("step 0 | val loss %s", _val_summary(state.initial_val, corpora.names))
-    peak = device_peak_flops()
     timed_tokens, timed_seconds = 0, 0.0
     model.train()
     last_val = state.initial_val
@@ -328,12 +328,12 @@ def train(cfg: PretrainRecipe, recipe_file: Path | None = None) -> dict:
                "grad_norm": round(float(grad_norm), 4),
                "tokens_per_s": round(step_tokens / elapsed, 1), "peak_mem_gb": round(peak_memory_gb(), 3),
                "tokens": state.tokens}
-        if peak:
-            row["mfu"] = round(step_tokens / elapsed * flops_per_token / (peak * world), 4)
+        if (used := mfu(step_tokens / elapsed, flops_per_token, world)) is not None:
+            row["mfu"] = used
         if state.step % t.log_every == 0 or state.step == total_steps:
             log.info("step %d/%d | loss %.4f | lr %.2e | grad norm %.2f | %s tok/s%s | peak %.2f GB | %s tokens",
                      state.step, total_steps, loss, lr, row["grad_norm"], f"{row['tokens_per_s']:,.0f}",
-                     f" | MFU {row['mfu']:.1%}" if peak else "", row["peak_mem_gb"], _short(state.tokens))
+                     f" | MFU {row['mfu']:.1%}" if "mfu" in row else "", row["peak_mem_gb"], _short(state.tokens))
         if state.step % t.eval_every == 0 or state.step == total_steps:
             last_val = evaluate(model, corpora, cfg, accelerator)
             row.update(last_val)
@@ -387,11 +387,7 @@ def _short(n: int) -> str:
 
 
 def cli() -> None:
-    try:
-        main(sys.argv[1:])
-    except FinetuneError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(main, sys.argv[1:])
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -669,24 +670,26 @@ def load(argv: list[str], cls: type = SFTRecipe) -> tuple[Any, Path]:
 SCRIPTS = {"SFTRecipe": "sft.py", "PretrainRecipe": "pretrain.py"}
 
 
+def script_of(file: Path, text: str | None = None) -> str | None:
+    """The entry script a recipe's header launches it with (`... finetune/pretrain.py recipe=NAME` ->
+    `pretrain.py`), or None."""
+    text = file.read_text(encoding="utf-8") if text is None else text
+    found = re.search(rf"finetune/(\w+\.py) recipe={re.escape(file.stem)}\b", text)
+    return found.group(1) if found else None
+
+
 def recipe_writing(path: str) -> str | None:
     """`finetune/pretrain.py recipe=pretrain-tiny` if a shipped recipe writes to `path` (e.g. outputs/pretrain-tiny)."""
-    import re
-
     for file in sorted(recipes_dir().glob("*.yaml")):
         text = file.read_text(encoding="utf-8")
         if re.search(rf"^\s*output_dir:\s*{re.escape(path.rstrip('/'))}/?\s*(#.*)?$", text, re.MULTILINE):
-            script = re.search(rf"finetune/\w+\.py(?= recipe={re.escape(file.stem)}\b)", text)
-            return f"{script.group(0) if script else 'finetune/sft.py'} recipe={file.stem}"
+            return f"finetune/{script_of(file, text) or 'sft.py'} recipe={file.stem}"
     return None
 
 
 def _other_script_hint(file: Path, cls: type) -> str:
-    """A recipe's header names its script (`accelerate launch finetune/pretrain.py recipe=NAME`): if that is
-    another script than the one running, say so."""
-    import re
-
-    found = re.search(rf"finetune/(\w+\.py) recipe={re.escape(file.stem)}\b", file.read_text(encoding="utf-8")[:2000])
-    if found and found.group(1) != SCRIPTS.get(cls.__name__, found.group(1)):
-        return f" (this recipe is for finetune/{found.group(1)})"
+    """If the recipe's header names another script than the one running, say so."""
+    script = script_of(file)
+    if script and script != SCRIPTS.get(cls.__name__, script):
+        return f" (this recipe is for finetune/{script})"
     return ""

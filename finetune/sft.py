@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from finetune import recipe as recipes
-from finetune.errors import FinetuneError, RecipeError
+from finetune.errors import RecipeError, run_cli
 from finetune.recipe import SFTRecipe
 
 log = logging.getLogger("finetune.sft")
@@ -230,11 +230,7 @@ def push(cfg: SFTRecipe, out: Path) -> None:
 
 
 def cli() -> None:
-    try:
-        main(sys.argv[1:])
-    except FinetuneError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(main, sys.argv[1:])
 
 
 if __name__ == "__main__":

@@ -43,6 +43,12 @@ def device_peak_flops() -> float | None:
     return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
 
 
+def mfu(tokens_per_s: float, flops_per_token: float, world_size: int = 1) -> float | None:
+    """Model FLOPs utilisation over all devices, or None where the device's peak is unknown (CPU)."""
+    peak = device_peak_flops()
+    return round(tokens_per_s * flops_per_token / (peak * world_size), 4) if peak else None
+
+
 class Throughput:
     """Turns the trainer's cumulative count of non-pad tokens into tokens/s (and MFU) between log calls.
 
@@ -64,9 +70,8 @@ class Throughput:
             if self.last_tokens is not None and now > self.last_time:
                 rate = (tokens - self.last_tokens) / (now - self.last_time)
                 out["tokens_per_s"] = round(rate, 1)
-                peak = device_peak_flops()
-                if peak:
-                    out["mfu"] = round(rate * self.flops_per_token / (peak * self.world_size), 4)
+                if (used := mfu(rate, self.flops_per_token, self.world_size)) is not None:
+                    out["mfu"] = used
             self.last_tokens = tokens
         self.last_time = now
         return out
