@@ -24,13 +24,28 @@ log = logging.getLogger(__name__)
 LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
 
 # Each format's fields: (required, optional). `columns` in a spec maps these names to the dataset's own.
+# `system` and `history` follow LLaMA-Factory's dataset conventions (dataset_info.json), which many Hub sets use.
 FORMAT_FIELDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "alpaca": (("instruction", "output"), ("input", "system")),
-    "dolly": (("instruction", "response"), ("context", "system")),
+    "alpaca": (("instruction", "output"), ("input", "system", "history")),
+    "dolly": (("instruction", "response"), ("context", "system", "history")),
     "conversations": (("conversations",), ("system",)),
-    "messages": (("messages",), ()),
+    "messages": (("messages",), ("system",)),
     "text": (("text",), ()),
 }
+RESPONSE_FIELD = {"alpaca": "output", "dolly": "response", "conversations": "conversations", "messages": "messages"}
+
+# Fields that carry training meaning the suite can't honour: refused, unless a spec lists them in ignore_fields.
+_MULTIMODAL = "the suite trains text-only LLaMA models, which can't see {field}"
+_TOOLS = "tool descriptions and calls are not rendered by the prompt styles, so the model would never see them"
+REFUSED_FIELDS = {
+    "label": "a KTO label (an answer marked good or bad): SFT would learn the bad answers as good ones",
+    "kto_tag": "a KTO label (an answer marked good or bad): SFT would learn the bad answers as good ones",
+    "chosen": "a preference pair (chosen/rejected), which is DPO data",
+    "rejected": "a preference pair (chosen/rejected), which is DPO data",
+    **{f: _MULTIMODAL for f in ("images", "image", "videos", "video", "audios", "audio")},
+    **{f: _TOOLS for f in ("tools", "functions", "tool_calls")},
+}
+TOOL_ROLES = {"function_call", "observation", "tool", "function", "ipython"}
 
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 ROLES = ("system", "user", "assistant")
@@ -83,6 +98,36 @@ def _field(record: dict, name: str, spec: DatasetSpec, index: int, required: boo
     return value
 
 
+def _used_columns(spec: DatasetSpec) -> set[str]:
+    required, optional = FORMAT_FIELDS[spec.format]
+    return {spec.columns.get(f, f) for f in required + optional}
+
+
+def _check_refused(record: dict, spec: DatasetSpec, index: int, ignored: dict[str, int]) -> None:
+    """Refuse a record holding a field the suite can't honour, unless the spec ignores it (then count it)."""
+    used = _used_columns(spec)
+    found = [f for f in REFUSED_FIELDS if f in record and f not in used and record[f] not in (None, "", [], {})]
+    for f in found:
+        if f in spec.ignore_fields:
+            ignored[f] = ignored.get(f, 0) + 1
+    found = [f for f in found if f not in spec.ignore_fields]
+    if not found:
+        return
+    where = f"{describe(spec)}: record {index}"
+    if {"chosen", "rejected"} & set(found):
+        response = RESPONSE_FIELD.get(spec.format, "output")
+        raise DataError(
+            f"{where} has 'chosen' and 'rejected': {REFUSED_FIELDS['chosen']}, which SFT can't learn as one "
+            "answer. DPO training (finetune/dpo.py) is not in this version yet; to fine-tune on the preferred "
+            f"answers, map them: columns: {{{response}: chosen}}, ignore_fields: [rejected]")
+    field = found[0]
+    if field in ("label", "kto_tag"):
+        raise DataError(f"{where} has '{field}' ({record[field]!r}): {REFUSED_FIELDS[field]}. Keep only the good "
+                        f"answers in the file, or add ignore_fields: [{field}] to learn every answer")
+    raise DataError(f"{where} has '{field}': {REFUSED_FIELDS[field].format(field=field)}. To train on the text "
+                    f"alone, add ignore_fields: [{field}] to this dataset (each record it is dropped from is counted)")
+
+
 def _turns(items: Any, spec: DatasetSpec, index: int, role_key: str, text_key: str, roles: dict) -> list[dict]:
     where = f"{describe(spec)}: record {index}"
     if not isinstance(items, list) or not items:
@@ -91,48 +136,79 @@ def _turns(items: Any, spec: DatasetSpec, index: int, role_key: str, text_key: s
     for t, turn in enumerate(items):
         if not isinstance(turn, dict) or role_key not in turn or text_key not in turn:
             raise DataError(f"{where}, turn {t}: expected keys '{role_key}' and '{text_key}', got {turn!r}"[:400])
+        if turn[role_key] in TOOL_ROLES or turn.get("tool_calls"):
+            raise DataError(f"{where}, turn {t}: a tool call or tool result ({role_key} {turn[role_key]!r}): "
+                            f"{_TOOLS}; remove such conversations from the file")
         role = roles.get(turn[role_key])
         if role is None:
             raise DataError(f"{where}, turn {t}: unknown {role_key} {turn[role_key]!r}, expected one of "
                             + ", ".join(roles))
+        if isinstance(turn[text_key], list):
+            raise DataError(f"{where}, turn {t}: '{text_key}' is a list of content parts (text, images, ...); "
+                            "the suite trains on plain text: give each turn's text as a string")
         if not isinstance(turn[text_key], str):
             raise DataError(f"{where}, turn {t}: '{text_key}' must be a string")
         turns.append({"role": role, "content": turn[text_key]})
-    if not any(t["role"] == "assistant" for t in turns):
-        raise DataError(f"{where}: has no assistant turn to learn from")
     return turns
 
 
-def to_example(record: dict, spec: DatasetSpec, index: int) -> dict:
-    """One raw record -> {"turns": [...]} or {"text": str}. Raises DataError naming the record and field."""
+def _history(value: Any, spec: DatasetSpec, index: int) -> list[dict]:
+    """LLaMA-Factory's `history`: earlier exchanges as [[instruction, response], ...], oldest first."""
+    turns = []
+    for h, pair in enumerate(value or []):
+        if not (isinstance(pair, list | tuple) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
+            raise DataError(f"{describe(spec)}: record {index}, history item {h}: expected [instruction, response] "
+                            f"(two strings), got {pair!r}"[:400])
+        turns += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
+    return turns
+
+
+def to_example(record: dict, spec: DatasetSpec, index: int, ignored: dict[str, int] | None = None) -> dict:
+    """One raw record -> {"turns": [...]} or {"text": str}, with its `origin` (dataset and record).
+
+    Raises DataError naming the dataset, the record and the field; `ignored` counts fields dropped by the spec's
+    ignore_fields."""
+    from finetune.prompts import check_turns
+
     fmt = spec.format
+    origin = f"{describe(spec)} record {index}"
+    _check_refused(record, spec, index, {} if ignored is None else ignored)
     if fmt == "text":
-        return {"text": str(_field(record, "text", spec, index, True))}
+        return {"text": str(_field(record, "text", spec, index, True)), "origin": origin}
+    system = _field(record, "system", spec, index, False)
+    turns = [{"role": "system", "content": str(system)}] if system else []
     if fmt in ("alpaca", "dolly"):
         response_key, input_key = ("output", "input") if fmt == "alpaca" else ("response", "context")
-        turns = []
-        system = _field(record, "system", spec, index, False)
-        if system:
-            turns.append({"role": "system", "content": str(system)})
+        turns += _history(_field(record, "history", spec, index, False), spec, index)
         user = {"role": "user", "content": str(_field(record, "instruction", spec, index, True))}
         extra = _field(record, input_key, spec, index, False)
         if extra is not None and str(extra).strip():
             user["input"] = str(extra)
         turns += [user, {"role": "assistant", "content": str(_field(record, response_key, spec, index, True))}]
-        return {"turns": turns}
-    if fmt == "conversations":
-        items = _field(record, "conversations", spec, index, True)
-        return {"turns": _turns(items, spec, index, "from", "value", SHAREGPT_ROLES)}
-    if fmt == "messages":
-        items = _field(record, "messages", spec, index, True)
-        return {"turns": _turns(items, spec, index, "role", "content", {r: r for r in ROLES})}
-    raise DataError(f"{describe(spec)}: unknown format '{fmt}'")
+    elif fmt in ("conversations", "messages"):
+        items = _field(record, fmt, spec, index, True)
+        listed = (_turns(items, spec, index, "from", "value", SHAREGPT_ROLES) if fmt == "conversations"
+                  else _turns(items, spec, index, "role", "content", {r: r for r in ROLES}))
+        if turns and listed[0]["role"] == "system":
+            raise DataError(f"{describe(spec)}: record {index} has both a 'system' field and a system turn; "
+                            "keep one")
+        turns += listed
+    else:
+        raise DataError(f"{describe(spec)}: unknown format '{fmt}'")
+    try:
+        check_turns(turns)
+    except DataError as e:
+        raise DataError(f"{describe(spec)}: record {index}: {e}") from None
+    if not any(t["role"] == "assistant" for t in turns):
+        raise DataError(f"{describe(spec)}: record {index}: has no assistant turn to learn from")
+    return {"turns": turns, "origin": origin}
 
 
 def nfkc(example: dict) -> dict:
+    normal = {"origin": example["origin"]} if "origin" in example else {}
     if "text" in example:
-        return {"text": unicodedata.normalize("NFKC", example["text"])}
-    return {"turns": [{k: unicodedata.normalize("NFKC", v) for k, v in t.items()} for t in example["turns"]]}
+        return normal | {"text": unicodedata.normalize("NFKC", example["text"])}
+    return normal | {"turns": [{k: unicodedata.normalize("NFKC", v) for k, v in t.items()} for t in example["turns"]]}
 
 
 def _weighted(examples: list[dict], weight: float, rng) -> list[dict]:
@@ -142,6 +218,15 @@ def _weighted(examples: list[dict], weight: float, rng) -> list[dict]:
     if frac > 0:
         out += rng.sample(examples, round(frac * len(examples)))
     return out
+
+
+def report_fields(spec: DatasetSpec, columns: list[str], ignored: dict[str, int], records: int) -> None:
+    """Say aloud which columns were not used (metadata such as Dolly's `category`) and what ignore_fields dropped."""
+    unused = sorted(set(columns) - _used_columns(spec) - set(spec.ignore_fields))
+    if unused:
+        log.info("%s: column(s) not used by format '%s': %s", describe(spec), spec.format, ", ".join(unused))
+    for f, n in sorted(ignored.items()):
+        log.warning("%s: ignore_fields dropped '%s' from %d of %d records", describe(spec), f, n, records)
 
 
 def load_examples(cfg: DataConfig) -> tuple[list[dict], list[dict]]:
@@ -157,7 +242,9 @@ def load_examples(cfg: DataConfig) -> tuple[list[dict], list[dict]]:
         order = list(range(len(raw)))
         if spec.max_samples is not None and spec.max_samples < len(raw):
             order = sorted(rng.sample(order, spec.max_samples))
-        examples = [to_example(raw[i], spec, i) for i in order]
+        ignored: dict[str, int] = {}
+        examples = [to_example(raw[i], spec, i, ignored) for i in order]
+        report_fields(spec, raw.column_names, ignored, len(examples))
         if cfg.nfkc:
             examples = [nfkc(e) for e in examples]
         per_dataset.append((spec, examples))
@@ -178,3 +265,24 @@ def load_examples(cfg: DataConfig) -> tuple[list[dict], list[dict]]:
         train += weighted
     rng.shuffle(train)
     return train, evaluation
+
+
+def preview(cfg: DataConfig, tokenizer) -> str:
+    """The first record of each dataset as the model will see it: what `print_example=true` prints."""
+    from finetune.prompts import IGNORE, encode, show
+
+    out = []
+    for spec in cfg.datasets:
+        raw = load_raw(spec)
+        if len(raw) == 0:
+            raise DataError(f"{describe(spec)} has no records (split '{spec.split}')")
+        example = to_example(raw[0], spec, 0)
+        example = nfkc(example) if cfg.nfkc else example
+        row = encode(example, cfg.prompt_style, tokenizer, cfg.system_prompt, cfg.train_on_prompt)
+        n, learned = len(row["input_ids"]), sum(label != IGNORE for label in row["labels"])
+        cut = f"; cut to data.max_length={cfg.max_length} in training" if n > cfg.max_length else ""
+        out.append(f"=== {describe(spec)}, record 0 (format {spec.format}, prompt style {cfg.prompt_style}): "
+                   f"{n} tokens, {learned} learned{cut}\n"
+                   f"--- text\n{tokenizer.decode(row['input_ids'])}\n"
+                   f"--- token pieces, learned ones inside [[ ]]\n{show(row, tokenizer)}\n")
+    return "\n".join(out)

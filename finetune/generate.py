@@ -3,8 +3,8 @@
     python -m finetune.generate outputs/quickstart "日本の首都はどこですか？"
     python -m finetune.generate outputs/quickstart "Give three tips for staying healthy." --max-new-tokens 64
 
-The folder's recipe.yaml says which base to load and which prompt style to wrap the instruction in, so the
-model sees the same prompt layout it was trained on.
+The folder's recipe.yaml says which base to load, which prompt style to wrap the instruction in and whether
+to NFKC-normalise it, so the model sees the prompt exactly as training showed it (the same token ids).
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def generate(model, tokenizer, cfg: SFTRecipe, instruction: str, max_new_tokens:
     from finetune.prompts import prompt_ids
 
     ids = prompt_ids([{"role": "user", "content": instruction}], cfg.data.prompt_style, tokenizer,
-                     cfg.data.system_prompt)
+                     cfg.data.system_prompt, nfkc=cfg.data.nfkc)
     input_ids = torch.tensor([ids], device=model.device)
     with torch.no_grad():
         out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),

@@ -1,16 +1,29 @@
-"""Prompt styles: canonical turns -> token ids and labels, with loss only on responses.
+"""Prompt styles: canonical turns -> text -> token ids and labels, with loss only on responses.
 
-A style renders a conversation as segments `(text_or_ids, trained)`. Segments are tokenised one at a time
-and concatenated, so the boundary between prompt (masked, label -100) and response (learned) is exact,
-and the same segments without the last response are what `generate` feeds the model. EOS is appended to
-every response by id, and kept in the labels, so the model learns to stop even when pad and EOS share an id
-(padding is masked by the collator, never by comparing ids).
+One rendering serves training, generation, evaluation and DPO (`encode`, `encode_many`, `prompt_ids`):
+
+1. **Render to text once.** Every style is a Jinja chat template (`chat_template(style)`), rendered with
+   transformers' own renderer; `{% generation %}` blocks mark what is learned (each response and its EOS).
+   The same template, without those marks, is saved with the run's tokenizer, so `apply_chat_template`
+   renders exactly the text the model was trained on.
+2. **Tokenise whole.** BOS starts a document and EOS ends each response; both go in *by id* (with the built-in
+   styles, a record's own `</s>` stays text). The text between BOS ids is tokenised in one call, as pretraining
+   tokenised documents, so a SentencePiece tokenizer's dummy prefix `▁` appears once, at the document's start,
+   never at the prompt/response seam or after an EOS. Encoding prompt and response separately, as many tools
+   do, teaches the model `▁The` where the text has `The`.
+3. **Label by character.** A token is learned when its characters (offsets from the tokenizer) overlap a
+   learned span; padding is masked by the collator by position, never by comparing ids, so an EOS that
+   shares the pad id is still learned.
 """
 
 from __future__ import annotations
 
+import bisect
+import json
 import logging
-from typing import Any
+import re
+import unicodedata
+from dataclasses import dataclass
 
 from finetune.errors import DataError
 
@@ -39,141 +52,376 @@ ALPACA_JA = {
 # A common Japanese system prompt for Llama-2-chat style models (ELYZA's); set data.system_prompt to use it.
 LLAMA2_JA_SYSTEM = "あなたは誠実で優秀な日本人のアシスタントです。"
 
-Segment = tuple[Any, bool]  # (str text or list of token ids, trained?)
+# Private-use characters stand in for BOS and EOS while rendering, so they can be put in by id afterwards.
+BOS_MARK, EOS_MARK = "\ue000", "\ue001"
+_MARKS = re.compile(f"[{BOS_MARK}{EOS_MARK}]")
 
+# ----------------------------------------------------------------------------------------------------------
+# Styles as chat templates
+# ----------------------------------------------------------------------------------------------------------
 
-def _user_text(turn: dict) -> str:
-    return turn["content"] + ("\n\n" + turn["input"] if turn.get("input") else "")
+# A user turn's text: its content, then its `input` (alpaca/dolly context) after a blank line.
+_USER_TEXT = "{%- set text = m['content'] + ('\\n\\n' + m['input'] if m['input'] is defined and m['input'] else '') -%}"
+_HEAD = "{%- set ns = namespace(system=SYSTEM, turn=0) -%}{%- for m in messages -%}" \
+        "{%- if m['role'] == 'system' -%}{%- set ns.system = m['content'] -%}"
 
-
-def _pairs(turns: list[dict]) -> tuple[str | None, list[tuple[dict, dict | None]]]:
-    """Split turns into (system, [(user, assistant-or-None), ...]); checks the order."""
-    system = None
-    rest = turns
-    if turns and turns[0]["role"] == "system":
-        system, rest = turns[0]["content"], turns[1:]
-    pairs: list[tuple[dict, dict | None]] = []
-    i = 0
-    while i < len(rest):
-        user = rest[i]
-        if user["role"] != "user":
-            raise DataError(f"turn {i + (system is not None)}: expected a user turn, got {user['role']}")
-        reply = rest[i + 1] if i + 1 < len(rest) else None
-        if reply is not None and reply["role"] != "assistant":
-            raise DataError(f"turn {i + 1 + (system is not None)}: expected an assistant turn, got {reply['role']}")
-        pairs.append((user, reply))
-        i += 2
-    return system, pairs
-
-
-def _alpaca(turns: list[dict], words: dict, eos: list[int], **_) -> list[Segment]:
-    system, pairs = _pairs(turns)
-    segments: list[Segment] = []
-    for n, (user, reply) in enumerate(pairs):
-        head = ""
-        if n == 0:
-            head = (system or words["preamble_input" if user.get("input") else "preamble"]) + "\n\n"
-        prompt = head + words["instruction"] + user["content"] + "\n\n"
-        if user.get("input"):
-            prompt += words["input"] + user["input"] + "\n\n"
-        prompt += words["response"]
-        segments.append((("\n\n" if n else "") + prompt, False))
-        if reply is not None:
-            segments += [(reply["content"], True), (eos, True)]
-    return segments
-
-
-def _llama2(turns: list[dict], bos: list[int], eos: list[int], system_prompt: str | None, **_) -> list[Segment]:
-    system, pairs = _pairs(turns)
-    system = system or system_prompt
-    segments: list[Segment] = []
-    for n, (user, reply) in enumerate(pairs):
-        text = _user_text(user)
-        if n == 0 and system:
-            text = f"<<SYS>>\n{system}\n<</SYS>>\n\n{text}"
-        if n:  # the first BOS is added for the whole sequence
-            segments.append((bos, False))
-        segments.append((f"[INST] {text} [/INST]", False))
-        if reply is not None:
-            segments += [(" " + reply["content"], True), (eos, True)]
-    return segments
-
-
-def _chatml(turns: list[dict], eos: list[int], system_prompt: str | None, **_) -> list[Segment]:
-    system, pairs = _pairs(turns)
-    system = system or system_prompt
-    segments: list[Segment] = []
-    head = f"<|im_start|>system\n{system}<|im_end|>\n" if system else ""
-    for n, (user, reply) in enumerate(pairs):
-        sep = "\n" if n else ""
-        segments.append((f"{sep}{head if n == 0 else ''}<|im_start|>user\n{_user_text(user)}<|im_end|>\n"
-                         "<|im_start|>assistant\n", False))
-        if reply is not None:
-            segments += [(reply["content"] + "<|im_end|>", True), (eos, True)]
-    return segments
-
-
-def _chat_template(turns: list[dict], tokenizer, eos: list[int], system_prompt: str | None, **_) -> list[Segment]:
-    if not getattr(tokenizer, "chat_template", None):
-        raise DataError("data.prompt_style=chat_template, but the tokenizer has no chat template")
-    system, pairs = _pairs(turns)
-    messages = [{"role": "system", "content": system or system_prompt}] if (system or system_prompt) else []
-    segments: list[Segment] = []
-    rendered = ""
-    for user, reply in pairs:
-        messages.append({"role": "user", "content": _user_text(user)})
-        prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        segments.append((prompt[len(rendered):], False))
-        if reply is None:
-            break
-        messages.append({"role": "assistant", "content": reply["content"]})
-        full = tokenizer.apply_chat_template(messages, tokenize=False)
-        if not full.startswith(prompt):
-            raise DataError("the tokenizer's chat template renders a conversation so that its prompt is not a "
-                            "prefix of the whole; choose another data.prompt_style")
-        answer = full[len(prompt):]
-        segments.append((answer, True))
-        if tokenizer.eos_token is None or not answer.rstrip().endswith(tokenizer.eos_token):
-            segments.append((eos, True))
-        rendered = full
-    return segments
-
-
-STYLES = {
-    "alpaca": lambda turns, **kw: _alpaca(turns, ALPACA, **kw),
-    "alpaca-ja": lambda turns, **kw: _alpaca(turns, ALPACA_JA, **kw),
-    "llama2": _llama2,
-    "chatml": _chatml,
-    "chat_template": _chat_template,
+_ALPACA = _HEAD + (
+    "{%- elif m['role'] == 'user' -%}"
+    "{%- if ns.turn == 0 -%}"
+    "{{- (ns.system if ns.system else (PREAMBLE_INPUT if m['input'] is defined and m['input'] else PREAMBLE))"
+    " + '\\n\\n' -}}"
+    "{%- else -%}{{- '\\n\\n' -}}{%- endif -%}"
+    "{{- INSTRUCTION + m['content'] + '\\n\\n' -}}"
+    "{%- if m['input'] is defined and m['input'] -%}{{- INPUT + m['input'] + '\\n\\n' -}}{%- endif -%}"
+    "{{- RESPONSE -}}{%- set ns.turn = ns.turn + 1 -%}"
+    "{%- elif m['role'] == 'assistant' -%}"
+    "{%- generation -%}{{- m['content'] + eos_token -}}{%- endgeneration -%}"
+    "{%- endif -%}{%- endfor -%}"
+)
+# Meta's Llama 2 chat layout: every exchange is its own BOS document, the system prompt inside the first.
+_LLAMA2 = _HEAD + (
+    "{%- elif m['role'] == 'user' -%}" + _USER_TEXT +
+    "{{- bos_token + '[INST] ' + ('<<SYS>>\\n' + ns.system + '\\n<</SYS>>\\n\\n' if ns.turn == 0 and ns.system"
+    " else '') + text + ' [/INST]' -}}{%- set ns.turn = ns.turn + 1 -%}"
+    "{%- elif m['role'] == 'assistant' -%}"
+    "{%- generation -%}{{- ' ' + m['content'] + eos_token -}}{%- endgeneration -%}"
+    "{%- endif -%}{%- endfor -%}"
+)
+# ChatML; `<|im_end|>` is text for LLaMA tokenizers, so EOS follows it (by id) to teach the model to stop.
+_CHATML = _HEAD + (
+    "{%- elif m['role'] == 'user' -%}" + _USER_TEXT +
+    "{%- if ns.turn > 0 -%}{{- '\\n' -}}"
+    "{%- elif ns.system -%}{{- '<|im_start|>system\\n' + ns.system + '<|im_end|>\\n' -}}{%- endif -%}"
+    "{{- '<|im_start|>user\\n' + text + '<|im_end|>\\n<|im_start|>assistant\\n' -}}"
+    "{%- set ns.turn = ns.turn + 1 -%}"
+    "{%- elif m['role'] == 'assistant' -%}"
+    "{%- generation -%}{{- m['content'] + '<|im_end|>' + eos_token -}}{%- endgeneration -%}"
+    "{%- endif -%}{%- endfor -%}"
+)
+_STYLES = {
+    "alpaca": (_ALPACA, ALPACA),
+    "alpaca-ja": (_ALPACA, ALPACA_JA),
+    "llama2": (_LLAMA2, {}),
+    "chatml": (_CHATML, {}),
 }
+STYLES = (*_STYLES, "chat_template")
 
 
-def segments_for(example: dict, style: str, tokenizer, system_prompt: str | None = None) -> list[Segment]:
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+def _literal(value: str | None) -> str:
+    # Jinja string literals take Python's backslash escapes; JSON (non-ASCII kept as is) writes a subset of them.
+    return "none" if value is None else json.dumps(value, ensure_ascii=False)
+
+
+def chat_template(style: str, system_prompt: str | None = None, marked: bool = False) -> str:
+    """The Jinja chat template of a built-in style, with `system_prompt` as the default system message.
+
+    `marked=True` keeps the `{% generation %}` blocks that say what is learned; the template saved with a run
+    drops them (they change nothing in the text, and not every chat-template engine knows them)."""
+    if style not in _STYLES:
+        raise DataError(f"unknown prompt style '{style}', expected one of {', '.join(STYLES)}")
+    body, words = _STYLES[style]
+    header = "".join(f"{{%- set {k.upper()} = {_literal(v)} -%}}" for k, v in words.items())
+    template = f"{{%- set SYSTEM = {_literal(system_prompt)} -%}}{header}{{{{- bos_token -}}}}" \
+        if style != "llama2" else f"{{%- set SYSTEM = {_literal(system_prompt)} -%}}{header}"
+    template += body
+    return template if marked else re.sub(r"\{%-? ?(end)?generation ?-?%\}", "", template)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Rendering
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Rendered:
+    """An example as text, with BOS_MARK/EOS_MARK where those ids go, and the learned character spans."""
+
+    text: str
+    learned: list[tuple[int, int]]
+
+
+_ROLE_ORDER = "the order is: an optional system turn, then user and assistant turns alternating, user first"
+
+
+def check_turns(turns: list[dict]) -> None:
+    """Refuse a conversation whose turns are out of order; names the turn."""
+    for t, turn in enumerate(turns):
+        expected = ("system", "user") if t == 0 else ("user",) if turns[t - 1]["role"] in ("system", "assistant") \
+            else ("assistant",)
+        if turn["role"] not in expected:
+            raise DataError(f"turn {t} is a {turn['role']} turn where a {' or '.join(expected)} turn belongs "
+                            f"({_ROLE_ORDER})")
+
+
+def _specials(tokenizer) -> dict[str, str]:
+    """Template variables: the tokenizer's special tokens, BOS and EOS as marks."""
+    values = {k: v for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str)}
+    values["bos_token"] = BOS_MARK if tokenizer.bos_token_id is not None else ""
+    values["eos_token"] = EOS_MARK
+    return values
+
+
+def _render_template(template: str, messages: list[dict], tokenizer, generation_prompt: bool = False):
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    texts, spans = render_jinja_template([messages], chat_template=template, return_assistant_tokens_mask=True,
+                                         add_generation_prompt=generation_prompt, **_specials(tokenizer))
+    return texts[0], spans[0]
+
+
+def _render_own_template(messages: list[dict], tokenizer) -> Rendered:
+    """The tokenizer's own chat template. Without `{% generation %}` blocks, each response is what rendering
+    the conversation up to it adds to the prompt rendered with the generation prompt."""
+    template = tokenizer.chat_template
+    if "generation" in template and re.search(r"\{%-?\s*generation\s*-?%\}", template):
+        text, learned = _render_template(template, messages, tokenizer)
+    else:
+        text, _ = _render_template(template, messages, tokenizer)
+        learned = []
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            prompt, _ = _render_template(template, messages[:i], tokenizer, generation_prompt=True)
+            upto, _ = _render_template(template, messages[: i + 1], tokenizer)
+            if not (upto.startswith(prompt) and text.startswith(upto)):
+                raise DataError("the tokenizer's chat template renders a conversation so that its prompt is not a "
+                                "prefix of the whole; choose another data.prompt_style")
+            learned.append((len(prompt), len(upto)))
+    # A template that ends a response with neither EOS nor the EOS text would never teach the model to stop.
+    eos_text = tokenizer.eos_token
+    for n, (start, end) in enumerate(learned):
+        answer = text[start:end].rstrip()
+        if not answer.endswith(EOS_MARK) and not (eos_text and answer.endswith(eos_text)):
+            cut = start + len(answer)
+            text = text[:cut] + EOS_MARK + text[cut:]
+            learned = [(s + (s >= cut), e + (e >= cut)) for s, e in learned]
+            learned[n] = (start, cut + 1)
+            _warn_once("the tokenizer's chat template does not end a response with EOS: EOS is appended by id "
+                       "so the model learns to stop (the template itself does not render it)")
+    return Rendered(text, learned)
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        log.warning(message)
+
+
+def render(example: dict, style: str, tokenizer, system_prompt: str | None = None) -> Rendered:
+    """An example ({"turns": [...]} or {"text": ...}) as text with BOS/EOS marks and learned spans."""
     if "text" in example:
-        return [(bos, False), (example["text"], True), (eos, True)]
-    body = STYLES[style](example["turns"], tokenizer=tokenizer, bos=bos, eos=eos, system_prompt=system_prompt)
-    # chat templates write their own BOS; the other styles start with the tokenizer's
-    return body if style == "chat_template" else [(bos, False), *body]
+        bos = BOS_MARK if tokenizer.bos_token_id is not None else ""
+        return Rendered(bos + example["text"] + EOS_MARK, [(len(bos), len(bos) + len(example["text"]) + 1)])
+    turns = example["turns"]
+    check_turns(turns)
+    for t, turn in enumerate(turns):
+        for value in turn.values():
+            if _MARKS.search(value):
+                raise DataError(f"turn {t} holds the private-use character U+E000 or U+E001, which the suite "
+                                "reserves to mark BOS and EOS while rendering")
+    if style == "chat_template":
+        if not getattr(tokenizer, "chat_template", None):
+            raise DataError("data.prompt_style=chat_template, but the tokenizer has no chat template")
+        if system_prompt and turns[0]["role"] != "system":
+            turns = [{"role": "system", "content": system_prompt}, *turns]
+        return _render_own_template(turns, tokenizer)
+    text, learned = _render_template(chat_template(style, system_prompt, marked=True), turns, tokenizer)
+    return Rendered(text, learned)
 
 
-def encode(segments: list[Segment], tokenizer, train_on_prompt: bool = False) -> dict[str, list[int]]:
+# ----------------------------------------------------------------------------------------------------------
+# Tokenising
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Document:
+    """Text between two BOS ids, with where EOS ids go (positions in `text`) and which characters are learned."""
+
+    text: str
+    bos: bool
+    bos_learned: bool
+    eos: list[tuple[int, bool]]  # (position in text, learned)
+    learned: list[tuple[int, int]]  # spans in text
+
+
+def _documents(rendered: Rendered) -> list[_Document]:
+    starts = [s for s, _ in rendered.learned]
+
+    def is_learned(pos: int) -> bool:
+        i = bisect.bisect_right(starts, pos) - 1
+        return i >= 0 and pos < rendered.learned[i][1]
+
+    docs: list[_Document] = []
+    doc = _Document("", False, False, [], [])
+    pieces: list[str] = []
+    length = 0
+    pos = 0
+    for match in [*_MARKS.finditer(rendered.text), None]:
+        end = match.start() if match else len(rendered.text)
+        if end > pos:  # a run of text: [pos, end) in the rendered string, [length, length + end - pos) in doc
+            for s, e in rendered.learned:
+                lo, hi = max(s, pos), min(e, end)
+                if lo < hi:
+                    doc.learned.append((length + lo - pos, length + hi - pos))
+            pieces.append(rendered.text[pos:end])
+            length += end - pos
+        if match is None:
+            break
+        if match.group() == EOS_MARK:
+            doc.eos.append((length, is_learned(match.start())))
+        else:
+            doc.text = "".join(pieces)
+            docs.append(doc)
+            doc, pieces, length = _Document("", True, is_learned(match.start()), [], []), [], 0
+        pos = match.end()
+    doc.text = "".join(pieces)
+    docs.append(doc)
+    return [d for d in docs if d.bos or d.text or d.eos]
+
+
+def _encode_documents(docs: list[_Document], tokenizer, split_special: bool):
+    """(ids, character offsets) of each document's text, in one batched call."""
+    texts = [d.text for d in docs]
+    out = [([], []) for _ in docs]
+    todo = [i for i, t in enumerate(texts) if t]
+    if todo:
+        enc = tokenizer([texts[i] for i in todo], add_special_tokens=False, return_offsets_mapping=True,
+                        split_special_tokens=split_special)
+        for j, i in enumerate(todo):
+            out[i] = (enc["input_ids"][j], [tuple(o) for o in enc["offset_mapping"][j]])
+    return out
+
+
+def _assemble(docs, encoded, tokenizer, train_on_prompt: bool, split_special: bool,
+              stats: dict) -> dict[str, list[int]]:
+    """One row from its documents' tokens: BOS/EOS ids put in, each token labelled by its characters."""
+    import numpy as np
+
     input_ids: list[int] = []
-    labels: list[int] = []
-    for piece, trained in segments:
-        ids = piece if isinstance(piece, list) else tokenizer(piece, add_special_tokens=False)["input_ids"]
-        input_ids += ids
-        labels += ids if (trained or train_on_prompt) else [IGNORE] * len(ids)
+    learned: list[bool] = []
+    for doc, (ids, offsets) in zip(docs, encoded, strict=True):
+        if doc.bos:
+            input_ids.append(tokenizer.bos_token_id)
+            learned.append(doc.bos_learned)
+        span = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+        starts, ends = span[:, 0], np.maximum(span[:, 1], span[:, 0] + 1)  # a lone dummy prefix has no chars
+        eos = np.asarray([p for p, _ in doc.eos], dtype=np.int64)
+        at = np.searchsorted(starts, eos, side="left")  # an EOS goes before the first token starting at or after it
+        if ((at > 0) & (ends[np.maximum(at - 1, 0)] > eos)).any():
+            # A token runs across an EOS: tokenise the pieces between EOS ids apart (never seen with LLaMA's
+            # SentencePiece or byte-level BPE, whose pieces end at a newline; counted where a tokenizer does it).
+            stats["eos_splits"] = stats.get("eos_splits", 0) + 1
+            cuts = [0, *eos.tolist(), len(doc.text)]
+            ids, spans = [], []
+            for a, b in zip(cuts, cuts[1:], strict=False):
+                if b > a:
+                    enc = tokenizer(doc.text[a:b], add_special_tokens=False, return_offsets_mapping=True,
+                                    split_special_tokens=split_special)
+                    ids += enc["input_ids"]
+                    spans += [(s + a, e + a) for s, e in enc["offset_mapping"]]
+            span = np.asarray(spans, dtype=np.int64).reshape(-1, 2)
+            starts, ends = span[:, 0], np.maximum(span[:, 1], span[:, 0] + 1)
+            at = np.searchsorted(starts, eos, side="left")
+        # A token is learned when any of its characters is: the last learned span starting before its end
+        # reaches past its start.
+        spans_learned = np.asarray(doc.learned, dtype=np.int64).reshape(-1, 2)
+        i = np.searchsorted(spans_learned[:, 0], ends - 1, side="right") - 1
+        hit = (i >= 0) & (spans_learned[np.maximum(i, 0), 1] > starts) if len(spans_learned) else np.zeros_like(
+            starts, dtype=bool)
+        if len(spans_learned):
+            # the token holds the prompt's last characters and the response's first: it is learned, and a prompt
+            # cut before the response ends on a different token (counted, reported)
+            seams = int((hit & (starts < spans_learned[np.maximum(i, 0), 0])).sum())
+            if seams:
+                stats["seam_tokens"] = stats.get("seam_tokens", 0) + seams
+        doc_ids, doc_learned = list(ids), hit.tolist()
+        for k in range(len(eos) - 1, -1, -1):
+            doc_ids.insert(int(at[k]), tokenizer.eos_token_id)
+            doc_learned.insert(int(at[k]), doc.eos[k][1])
+        input_ids += doc_ids
+        learned += doc_learned
+    labels = input_ids[:] if train_on_prompt else [t if m else IGNORE for t, m in zip(input_ids, learned, strict=True)]
     return {"input_ids": input_ids, "labels": labels}
 
 
-def prompt_ids(turns: list[dict], style: str, tokenizer, system_prompt: str | None = None) -> list[int]:
-    """Token ids of a conversation that ends on a user turn, ready for `generate`."""
+def encode_many(examples: list[dict], style: str, tokenizer, system_prompt: str | None = None,
+                train_on_prompt: bool = False, stats: dict | None = None) -> list[dict[str, list[int]]]:
+    """Examples -> {"input_ids", "labels"} rows; the text of all of them is tokenised in one batched call.
+
+    A DataError names the example's `origin` (dataset and record) where it has one."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise DataError(f"tokenizer {type(tokenizer).__name__} gives no character offsets (not a fast "
+                        "tokenizer): the suite needs them to label responses exactly")
+    stats = {} if stats is None else stats
+    all_docs = []
+    for i, example in enumerate(examples):
+        try:
+            all_docs.append(_documents(render(example, style, tokenizer, system_prompt)))
+        except DataError as e:
+            raise DataError(f"{example.get('origin', f'example {i}')}: {e}") from None
+    # The built-in styles write no special token as text (BOS and EOS go in by id), so `</s>` in a record is
+    # text; a tokenizer's own template may write special tokens as text, which must then be parsed as such.
+    split_special = style != "chat_template"
+    flat = [d for docs in all_docs for d in docs]
+    encoded = iter(_encode_documents(flat, tokenizer, split_special))
+    return [_assemble(docs, [next(encoded) for _ in docs], tokenizer, train_on_prompt, split_special, stats)
+            for docs in all_docs]
+
+
+def encode(example: dict, style: str, tokenizer, system_prompt: str | None = None,
+           train_on_prompt: bool = False) -> dict[str, list[int]]:
+    """One example ({"turns": [...]} or {"text": ...}) -> {"input_ids", "labels"}."""
+    return encode_many([example], style, tokenizer, system_prompt, train_on_prompt)[0]
+
+
+def prompt_ids(turns: list[dict], style: str, tokenizer, system_prompt: str | None = None,
+               nfkc: bool = False) -> list[int]:
+    """Token ids of a conversation that ends on a user turn, ready for `generate`: the same ids that precede
+    the response in training. `nfkc` applies the run's `data.nfkc` to the prompt, as training did."""
     if turns[-1]["role"] != "user":
         raise ValueError("the last turn of a prompt must be the user's")
-    segments = segments_for({"turns": turns}, style, tokenizer, system_prompt)
-    return encode(segments, tokenizer)["input_ids"]
+    if nfkc:
+        turns = [{k: unicodedata.normalize("NFKC", v) for k, v in t.items()} for t in turns]
+    return encode({"turns": turns}, style, tokenizer, system_prompt)["input_ids"]
+
+
+def saved_chat_template(style: str, system_prompt: str | None, tokenizer) -> str | None:
+    """The chat template to save with a run: the one that renders the text its style trained on."""
+    return tokenizer.chat_template if style == "chat_template" else chat_template(style, system_prompt)
+
+
+def show(row: dict[str, list[int]], tokenizer) -> str:
+    """Token pieces of a row, separated by `|`, learned runs inside `[[ ]]`: what `print_example` prints.
+
+    SentencePiece pieces are shown as they are (`▁The`, `<0x0A>`); byte-level BPE pieces as the text their bytes
+    spell (a space as `Ġ`), or as `<0x..>` bytes where a piece holds part of a character."""
+    from itertools import groupby
+
+    from tokenizers import decoders
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    byte_level = isinstance(getattr(tokenizer.backend_tokenizer, "decoder", None), decoders.ByteLevel)
+    to_byte = {c: b for b, c in bytes_to_unicode().items()}
+
+    def visible(piece: str) -> str:
+        if byte_level and all(c in to_byte for c in piece):
+            raw = bytes(to_byte[c] for c in piece)
+            try:
+                piece = raw.decode("utf-8").replace(" ", "Ġ")
+            except UnicodeDecodeError:
+                return "".join(f"<0x{b:02X}>" for b in raw)
+        return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in piece)
+
+    pieces = zip(tokenizer.convert_ids_to_tokens(row["input_ids"]), row["labels"], strict=True)
+    runs = []
+    for learned, run in groupby(pieces, key=lambda p: p[1] != IGNORE):
+        text = "|".join(visible(piece) for piece, _ in run)
+        runs.append(f"[[{text}]]" if learned else text)
+    return "|".join(runs)
 
 
 def tokenize_examples(examples: list[dict], cfg, tokenizer, name: str = "train") -> tuple[list[dict], dict]:
@@ -181,25 +429,31 @@ def tokenize_examples(examples: list[dict], cfg, tokenizer, name: str = "train")
 
     An example whose prompt alone fills max_length has nothing left to learn; it is dropped, and counted.
     """
+    counts: dict = {}
+    encoded = encode_many(examples, cfg.prompt_style, tokenizer, cfg.system_prompt, cfg.train_on_prompt, counts)
     rows, cut, dropped = [], 0, []
-    for i, example in enumerate(examples):
-        try:
-            row = encode(segments_for(example, cfg.prompt_style, tokenizer, cfg.system_prompt), tokenizer,
-                         cfg.train_on_prompt)
-        except DataError as e:
-            raise DataError(f"{name} example {i}: {e}") from None
+    for i, row in enumerate(encoded):
         if len(row["input_ids"]) > cfg.max_length:
             cut += 1
             row = {k: v[: cfg.max_length] for k, v in row.items()}
         if all(label == IGNORE for label in row["labels"][1:]):
-            dropped.append(i)
+            dropped.append(examples[i].get("origin", f"example {i}"))
             continue
         rows.append(row)
     stats = {"examples": len(examples), "cut_to_max_length": cut, "dropped_prompt_fills_max_length": len(dropped)}
+    if counts.get("eos_splits"):
+        stats["eos_splits"] = counts["eos_splits"]
+        log.warning("%s: in %d examples a token ran across an EOS; the text around it was tokenised in pieces",
+                    name, counts["eos_splits"])
+    if counts.get("seam_tokens"):
+        stats["seam_tokens"] = counts["seam_tokens"]
+        log.warning("%s: %d responses start inside a token that also holds the end of the prompt (the prompt style "
+                    "ends its prompt mid-word, e.g. with a space); that token is learned, and generation's prompt "
+                    "ends on a different token than training's", name, counts["seam_tokens"])
     if cut or dropped:
         log.warning(
             "%s: %d of %d examples were cut to data.max_length=%d; %d dropped because the prompt alone fills it%s",
-            name, cut, len(examples), cfg.max_length, len(dropped), f" (indices {dropped[:10]})" if dropped else "")
+            name, cut, len(examples), cfg.max_length, len(dropped), f" ({'; '.join(dropped[:5])})" if dropped else "")
     if not rows:
         raise DataError(f"{name}: no example has a response within data.max_length={cfg.max_length}")
     return rows, stats

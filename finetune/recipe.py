@@ -114,6 +114,9 @@ class DatasetSpec:
     """Keep this many records, drawn at random with data.seed (before weighting). null keeps all."""
     weight: float = 1.0
     """Share in a mixture: 0.5 keeps a random half of this dataset, 2.0 repeats it twice."""
+    ignore_fields: list[str] = field(default_factory=list)
+    """Fields the suite can't train on (images, tools, KTO `label`, preference `rejected`, ...) are refused;
+    list one here to train without it instead. Each record it is dropped from is counted in the log."""
 
     def __post_init__(self):
         if not self.path:
@@ -132,7 +135,8 @@ class DataConfig:
     """How a record becomes text: alpaca (Stanford Alpaca), alpaca-ja (指示/入力/応答), llama2 ([INST]),
     chatml (<|im_start|>), chat_template (the tokenizer's own)."""
     system_prompt: str | None = None
-    """System prompt for llama2/chatml/chat_template when a record has none."""
+    """System prompt for records that have none (alpaca styles: replaces the "Below is an instruction..."
+    preamble). Saved in the run's chat template as its default."""
     max_length: int = 1024
     """Tokens per sequence (per packed block when packing). Longer examples are cut at the end; the count
     of cut examples is logged."""
@@ -240,6 +244,9 @@ class SFTRecipe:
     """Continue from the newest checkpoint in training.output_dir."""
     print_recipe: bool = False
     """Print the resolved recipe as YAML and exit without training."""
+    print_example: bool = False
+    """Print the first record of each dataset as the model will see it (token pieces, the learned ones inside
+    [[ ]]) and exit without training."""
 
     def __post_init__(self):
         if not self.data.datasets:
@@ -275,6 +282,9 @@ class CorpusSpec:
     max_documents: int | None = None
     """Use at most this many documents: a seeded random subset of local files, or the first N of a Hub
     stream. null: all (a Hub stream must set this or be finite)."""
+    expect_documents: int | None = None
+    """Warn when the corpus has fewer documents than this (e.g. a package that was meant to provide them is
+    missing). null: no check."""
     weight: float = 1.0
     """Share of training blocks drawn from this corpus; weights are normalised over the corpora, so
     `{ja: 0.8, en: 0.2}` replays 20% of an original English corpus during continued pretraining."""

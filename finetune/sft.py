@@ -10,7 +10,9 @@ Many GPUs (DDP, FSDP, DeepSpeed ZeRO-2/3):
     accelerate launch --config_file recipes/accelerate/fsdp.yaml finetune/sft.py recipe=alpaca lora.method=full
 
 Any key can be overridden (`training.learning_rate=1e-4`, `data.max_length=2048`); `print_recipe=true`
-prints the resolved recipe and exits. `resume=true` continues from the newest complete checkpoint.
+prints the resolved recipe and exits; `print_example=true` prints the first record of each dataset as the
+model will see it (token pieces, learned ones inside [[ ]]) and exits. `resume=true` continues from the newest
+complete checkpoint.
 """
 
 from __future__ import annotations
@@ -60,6 +62,12 @@ def main(argv: list[str]) -> dict:
 
     names = [cfg.model.name_or_path, cfg.model.tokenizer or ""] + [d.path for d in cfg.data.datasets]
     go_offline_if_unreachable([n for n in names if n and not n.startswith("builtin:") and not is_local(n)])
+    if cfg.print_example:
+        from finetune import modeling
+        from finetune.data import preview
+
+        print(preview(cfg.data, modeling.load_tokenizer(cfg.model)))
+        return {}
     return train(cfg, recipe_file)[1]
 
 
@@ -99,6 +107,8 @@ def train(cfg: SFTRecipe, recipe_file: Path | None = None, callbacks: list | Non
     # Model and data
     # ------------------------------------------------------------------------------------------------------
     tokenizer = modeling.load_tokenizer(cfg.model)
+    # Saved with the adapter: apply_chat_template then renders exactly the text this style trains on.
+    tokenizer.chat_template = prompts.saved_chat_template(cfg.data.prompt_style, cfg.data.system_prompt, tokenizer)
     train_examples, eval_examples = load_examples(cfg.data)
     train_rows, data_stats = prompts.tokenize_examples(train_examples, cfg.data, tokenizer, "train")
     eval_rows = prompts.tokenize_examples(eval_examples, cfg.data, tokenizer, "eval")[0] if eval_examples else []
@@ -208,13 +218,14 @@ def train(cfg: SFTRecipe, recipe_file: Path | None = None, callbacks: list | Non
 def merge(cfg: SFTRecipe, out: Path) -> Path:
     """Base (full precision, even after QLoRA) + adapter -> one plain model in out/merged."""
     from peft import PeftModel
+    from transformers import AutoTokenizer
 
     from finetune import modeling
 
     base = modeling.load_model(cfg.model)
     merged = PeftModel.from_pretrained(base, str(out)).merge_and_unload()
     merged.save_pretrained(out / "merged")
-    modeling.load_tokenizer(cfg.model).save_pretrained(out / "merged")
+    AutoTokenizer.from_pretrained(out).save_pretrained(out / "merged")  # with the run's chat template
     log.info("merged model saved to %s", out / "merged")
     return out / "merged"
 

@@ -1,5 +1,7 @@
 """`builtin:tiny-llama`: a small, randomly initialised LLaMA the suite builds in a second, for tests and
-benchmarks; and the byte-level BPE tokenizer training that pretraining uses too.
+benchmarks; the byte-level BPE tokenizer training that pretraining uses too; and a LLaMA-style SentencePiece
+tokenizer (what Llama 2, TinyLlama, ELYZA and Swallow use) for testing the data layer against real LLaMA
+tokenisation offline.
 
 Its tokenizer is trained on the bundled data in `data/` (English and Japanese), so no character is ever
 unknown; the weights are freshly initialised (seeded, so every build is identical). A pretrained base comes
@@ -16,17 +18,15 @@ import sys
 from pathlib import Path
 
 from finetune import shipped_dir
+from finetune.prompts import chat_template
 
 log = logging.getLogger(__name__)
 
 REPO_DATA = shipped_dir("data")
 DEFAULT_DIR = Path("outputs/base/tiny-llama")
 
-# A ChatML template, so `prompt_style: chat_template` works on the built-in base too.
-CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+# The chatml style's template, so `prompt_style: chat_template` works on the built-in bases too.
+CHAT_TEMPLATE = chat_template("chatml")
 
 SIZES = {
     # hidden, intermediate, layers, heads, kv heads: TinyLlama's shape (GQA 4:1 -> here 2:1), scaled down
@@ -84,13 +84,40 @@ def train_tokenizer(texts, vocab_size: int = 4096):
     return hf
 
 
-def build(out_dir: Path = DEFAULT_DIR, size: str = "tiny-llama", seed: int = 0, vocab_size: int = 4096) -> Path:
-    """Build the tokenizer and a freshly initialised LlamaForCausalLM into `out_dir`; return it."""
+def train_sentencepiece_tokenizer(texts, vocab_size: int = 3000):
+    """A LLaMA tokenizer trained with Meta's settings (sentencepiece BPE, byte fallback, dummy prefix `▁`, digits
+    split, no normalisation, `<unk>` `<s>` `</s>` = 0 1 2), returned as a transformers LlamaTokenizer."""
+    import tempfile
+
+    import sentencepiece as spm
+    from transformers import LlamaTokenizer
+
+    # LLaMA's corpus went in line by line, so no piece holds a newline: "\n" is the byte token <0x0A>.
+    lines = [line for text in texts for line in text.splitlines() if line.strip()]
+    with tempfile.TemporaryDirectory() as tmp:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(lines), model_prefix=f"{tmp}/tokenizer", model_type="bpe", vocab_size=vocab_size,
+            byte_fallback=True, add_dummy_prefix=True, normalization_rule_name="identity",
+            remove_extra_whitespaces=False, split_digits=True, allow_whitespace_only_pieces=True,
+            character_coverage=0.9995, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1, minloglevel=2)
+        tokenizer = LlamaTokenizer.from_pretrained(tmp)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+TOKENIZERS = {"bpe": train_tokenizer, "sentencepiece": train_sentencepiece_tokenizer}
+
+
+def build(out_dir: Path = DEFAULT_DIR, size: str = "tiny-llama", seed: int = 0, vocab_size: int = 4096,
+          tokenizer: str = "bpe") -> Path:
+    """Build the tokenizer (`bpe`: byte-level; `sentencepiece`: LLaMA's kind) and a freshly initialised
+    LlamaForCausalLM into `out_dir`; return it."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     out_dir = Path(out_dir)
-    tokenizer = train_tokenizer(bundled_texts(), vocab_size)
+    kind = tokenizer
+    tokenizer = TOKENIZERS[kind](bundled_texts(), vocab_size)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         max_position_embeddings=2048,
@@ -109,7 +136,8 @@ def build(out_dir: Path = DEFAULT_DIR, size: str = "tiny-llama", seed: int = 0, 
     tokenizer.save_pretrained(tmp)
     (tmp / "lineage.json").write_text(json.dumps(
         {"built_by": "finetune.tiny_base", "size": size, "seed": seed, "weights": "random init",
-         "tokenizer": f"byte-level BPE, vocab {len(tokenizer)}, trained on {REPO_DATA.name}/"}, indent=2))
+         "tokenizer": f"{'byte-level BPE' if kind == 'bpe' else 'SentencePiece BPE'}, vocab {len(tokenizer)}, "
+                      f"trained on {REPO_DATA.name}/"}, indent=2))
     if out_dir.exists():  # another process built it meanwhile: keep theirs
         import shutil
 

@@ -22,10 +22,30 @@ def micro_base(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tokenizer(micro_base):
+def micro_base_sp(tmp_path_factory) -> Path:
+    """micro-llama with a LLaMA-style SentencePiece tokenizer (BPE, byte fallback, dummy prefix), as Llama 2,
+    TinyLlama and ELYZA have, trained offline on the bundled data."""
+    from finetune import tiny_base
+
+    return tiny_base.build(tmp_path_factory.mktemp("base-sp") / "micro-llama-sp", "micro-llama", vocab_size=3000,
+                           tokenizer="sentencepiece")
+
+
+@pytest.fixture(scope="session")
+def bpe_tokenizer(micro_base):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(micro_base)
+
+
+# The data layer is tested on both kinds of tokenizer: byte-level BPE has no dummy prefix, SentencePiece has one.
+@pytest.fixture(scope="session", params=["bpe", "sentencepiece"])
+def tokenizer(request):
+    from finetune import modeling
+    from finetune.recipe import ModelConfig
+
+    base = request.getfixturevalue("micro_base" if request.param == "bpe" else "micro_base_sp")
+    return modeling.load_tokenizer(ModelConfig(name_or_path=str(base)))
 
 
 def write_jsonl(path: Path, records: list[dict]) -> Path:

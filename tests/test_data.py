@@ -2,6 +2,7 @@
 
 import csv
 import json
+import logging
 
 import pytest
 
@@ -30,6 +31,7 @@ def test_alpaca_dolly_and_chat_formats_become_turns(tmp_path):
                                  DatasetSpec(str(c), "conversations"), DatasetSpec(str(m), "messages"),
                                  DatasetSpec(str(t), "text")))
     assert len(train) == 6
+    train = [{k: v for k, v in e.items() if k != "origin"} for e in train]
     assert {"turns": [{"role": "user", "content": "Add.", "input": "1 2"},
                       {"role": "assistant", "content": "3"}]} in train
     assert {"turns": [{"role": "user", "content": "要約して", "input": "長い文"},
@@ -109,8 +111,116 @@ def test_nfkc_normalises_full_width_and_half_width_kana(tmp_path):
 
 
 def test_to_example_requires_an_assistant_turn():
-    with pytest.raises(DataError, match="no assistant turn"):
+    with pytest.raises(DataError, match="record 7: has no assistant turn"):
         to_example({"messages": [{"role": "user", "content": "hi"}]}, DatasetSpec("x.jsonl", "messages"), 7)
+
+
+def test_every_example_knows_its_dataset_and_record(tmp_path):
+    f = write_jsonl(tmp_path / "a.jsonl", [{"instruction": f"i{i}", "output": f"o{i}"} for i in range(5)])
+    train, _ = load_examples(cfg(DatasetSpec(str(f), "alpaca"), nfkc=True))
+    assert sorted(e["origin"] for e in train) == [f"dataset '{f}' record {i}" for i in range(5)]
+    assert all(e["turns"][0]["content"] == "i" + e["origin"][-1] for e in train)
+
+
+def test_a_bad_turn_order_names_the_file_and_its_record(tmp_path):
+    good = {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]}
+    bad = {"conversations": [{"from": "human", "value": "Hi"}, {"from": "human", "value": "Hello?"},
+                             {"from": "gpt", "value": "Yes"}]}
+    f = write_jsonl(tmp_path / "chats.jsonl", [good] * 13 + [bad] + [good] * 5)
+    with pytest.raises(DataError, match=r"dataset '.*chats.jsonl': record 13: turn 1 is a user turn where an? "
+                                        r"assistant turn belongs"):
+        load_examples(cfg(DatasetSpec(str(f), "conversations")))
+
+
+# --- LLaMA-Factory's layouts (data/README.md of hiyouga/LLaMA-Factory): every field used or refused ---------
+
+
+def test_llama_factory_sharegpt_system_and_alpaca_history_are_trained_on(tmp_path, tokenizer):
+    from finetune.prompts import encode
+
+    sharegpt = write_jsonl(tmp_path / "sharegpt.jsonl", [{
+        "conversations": [{"from": "human", "value": "ユーザーの質問"}, {"from": "gpt", "value": "モデルの回答"}],
+        "system": "システムプロンプト", "tools": ""}])
+    alpaca = write_jsonl(tmp_path / "alpaca.jsonl", [{
+        "instruction": "Current question", "input": "context", "output": "Current answer",
+        "system": "You are terse.",
+        "history": [["First question", "First answer"], ["Second question", "Second answer"]]}])
+    (s,), _ = load_examples(cfg(DatasetSpec(str(sharegpt), "conversations")))
+    (a,), _ = load_examples(cfg(DatasetSpec(str(alpaca), "alpaca")))
+    assert s["turns"][0] == {"role": "system", "content": "システムプロンプト"}
+    assert [t["content"] for t in a["turns"]] == ["You are terse.", "First question", "First answer",
+                                                 "Second question", "Second answer", "Current question",
+                                                 "Current answer"]
+    chat = tokenizer.decode(encode(s, "chatml", tokenizer)["input_ids"])
+    assert "<|im_start|>system\nシステムプロンプト<|im_end|>" in chat
+    row = encode(a, "alpaca", tokenizer)
+    text = tokenizer.decode(row["input_ids"])
+    assert text.index("You are terse.") < text.index("First question") < text.index("Second answer") \
+        < text.index("### Input:\ncontext") < text.index("Current answer")
+    learned = tokenizer.decode([t for t, lab in zip(row["input_ids"], row["labels"], strict=True) if lab != -100])
+    assert learned == "First answer</s>Second answer</s>Current answer</s>"
+
+
+def test_a_kto_file_is_refused_naming_its_label(tmp_path):
+    f = write_jsonl(tmp_path / "kto.jsonl", [{"messages": [{"role": "user", "content": "Q"},
+                                                           {"role": "assistant", "content": "A"}], "label": False}])
+    with pytest.raises(DataError, match=r"record 0 has 'label' \(False\): a KTO label .* bad answers as good"):
+        load_examples(cfg(DatasetSpec(str(f), "messages")))
+
+
+@pytest.mark.parametrize(("fmt", "record", "mapping"), [
+    ("alpaca", {"instruction": "Q", "input": "", "chosen": "good", "rejected": "bad"}, "output: chosen"),
+    ("messages", {"chosen": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "good"}],
+                  "rejected": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "bad"}]},
+     "messages: chosen"),
+])
+def test_a_preference_file_fed_to_sft_names_chosen_rejected_and_dpo(tmp_path, fmt, record, mapping):
+    f = write_jsonl(tmp_path / "pairs.jsonl", [record])
+    with pytest.raises(DataError, match=rf"record 0 has 'chosen' and 'rejected'.*DPO.*{mapping}.*ignore_fields"):
+        load_examples(cfg(DatasetSpec(str(f), fmt)))
+    # following the message's advice trains on the preferred answers
+    column = mapping.split(":")[0]
+    train, _ = load_examples(cfg(DatasetSpec(str(f), fmt, columns={column: "chosen"}, ignore_fields=["rejected"])))
+    assert train[0]["turns"][-1]["content"] == "good"
+
+
+def test_images_are_refused_or_ignored_only_when_asked_and_counted(tmp_path, caplog):
+    records = [{"messages": [{"role": "user", "content": "<image>What is it?"},
+                             {"role": "assistant", "content": "A cat."}], "images": ["cat.png"]},
+               {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}],
+                "images": []}]
+    f = write_jsonl(tmp_path / "mllm.jsonl", records)
+    with pytest.raises(DataError, match=r"record 0 has 'images': .*text-only.*ignore_fields: \[images\]"):
+        load_examples(cfg(DatasetSpec(str(f), "messages")))
+    with caplog.at_level(logging.WARNING):
+        train, _ = load_examples(cfg(DatasetSpec(str(f), "messages", ignore_fields=["images"])))
+    assert len(train) == 2
+    assert "ignore_fields dropped 'images' from 1 of 2 records" in caplog.text
+
+
+def test_tool_calls_and_content_part_lists_are_refused(tmp_path):
+    tool = write_jsonl(tmp_path / "tool.jsonl", [{"conversations": [
+        {"from": "human", "value": "Weather?"}, {"from": "function_call", "value": "{}"},
+        {"from": "observation", "value": "sunny"}, {"from": "gpt", "value": "Sunny."}]}])
+    with pytest.raises(DataError, match=r"record 0, turn 1: a tool call or tool result \(from 'function_call'\)"):
+        load_examples(cfg(DatasetSpec(str(tool), "conversations")))
+    parts = write_jsonl(tmp_path / "parts.jsonl", [{"messages": [
+        {"role": "user", "content": [{"type": "text", "text": "Hi"}]}, {"role": "assistant", "content": "Hello"}]}])
+    with pytest.raises(DataError, match=r"record 0, turn 0: 'content' is a list of content parts"):
+        load_examples(cfg(DatasetSpec(str(parts), "messages")))
+
+
+def test_a_system_field_beside_a_system_turn_is_refused(tmp_path):
+    f = write_jsonl(tmp_path / "both.jsonl", [{"system": "A", "messages": [
+        {"role": "system", "content": "B"}, {"role": "user", "content": "Q"}, {"role": "assistant", "content": "R"}]}])
+    with pytest.raises(DataError, match="record 0 has both a 'system' field and a system turn"):
+        load_examples(cfg(DatasetSpec(str(f), "messages")))
+
+
+def test_unused_columns_are_named_in_the_log(caplog):
+    with caplog.at_level(logging.INFO):
+        load_examples(cfg(DatasetSpec(str(REPO / "data" / "dolly_ja.jsonl"), "dolly")))
+    assert "column(s) not used by format 'dolly': category" in caplog.text
 
 
 BUNDLED = [("alpaca_en.jsonl", "alpaca"), ("messages_en.jsonl", "messages"), ("text_en.txt", "text"),

@@ -47,6 +47,53 @@ def test_lora_loss_falls_and_outputs_reload_to_the_same_logits(micro_base, alpac
     assert isinstance(text, str) and text.strip()
 
 
+def test_sentencepiece_base_trains_and_saves_the_chat_template_of_its_style(micro_base_sp, tmp_path):
+    """A LLaMA SentencePiece tokenizer end to end: Japanese chats with a system prompt train, the saved tokenizer
+    renders the trained text, and generation's prompt is the training prefix, NFKC-normalised as in training."""
+    from transformers import AutoTokenizer
+
+    from finetune.data import load_examples
+    from finetune.prompts import encode, prompt_ids
+
+    out = tmp_path / "sp"
+    system = "あなたは誠実で優秀な日本人のアシスタントです。"
+    chats = write_jsonl(tmp_path / "chats.jsonl", [{"conversations": [
+        {"from": "human", "value": f"{i}は何ですか？"}, {"from": "gpt", "value": f"{i}は数字です。"},
+        {"from": "human", "value": "ほかには？"}, {"from": "gpt", "value": f"{i + 1}も数字です。"}]}
+        for i in range(48)])
+    cfg = sft_recipe(micro_base_sp, chats, out, f"data.datasets=[{{path: '{chats}', format: conversations}}]",
+                     "data.prompt_style=llama2", f"data.system_prompt='{system}'", "data.nfkc=true",
+                     "training.max_steps=12")
+    trainer, _ = sft.train(cfg)
+    assert_loss_falls(logged_losses(trainer))
+    saved = AutoTokenizer.from_pretrained(out)
+    example = load_examples(cfg.data)[0][0]
+    text = saved.apply_chat_template(example["turns"], tokenize=False)
+    assert text.startswith(f"<s>[INST] <<SYS>>\n{system}\n<</SYS>>\n\n")
+    row = encode(example, "llama2", saved, system)
+    assert saved.decode(row["input_ids"]).replace("<s> [INST]", "<s>[INST]") == text  # ▁ of each document
+    model, tokenizer, run_cfg = generate.load(out)
+    assert run_cfg.data.nfkc and run_cfg.data.system_prompt == system
+    ids = prompt_ids([{"role": "user", "content": "ＡＢＣ？"}], "llama2", tokenizer, system, nfkc=True)
+    assert ids == prompt_ids([{"role": "user", "content": "ABC?"}], "llama2", tokenizer, system)
+    assert generate.generate(model, tokenizer, run_cfg, "ＡＢＣ？", max_new_tokens=4) == \
+        generate.generate(model, tokenizer, run_cfg, "ABC?", max_new_tokens=4)
+
+
+def test_print_example_shows_each_dataset_as_trained_and_trains_nothing(micro_base_sp, tmp_path, capsys):
+    data = REPO / "data"
+    sft.main(["recipe=quickstart", f"model.name_or_path={micro_base_sp}", "print_example=true",
+              f"training.output_dir={tmp_path / 'never'}", "data.prompt_style=alpaca-ja",
+              f"data.datasets=[{{path: '{data / 'dolly_ja.jsonl'}', format: dolly}}, "
+              f"{{path: '{data / 'alpaca_en.jsonl'}', format: alpaca}}]"])
+    shown = capsys.readouterr().out
+    assert shown.count("=== dataset") == 2 and "dolly_ja.jsonl', record 0 (format dolly" in shown
+    assert "### 応答:\n再帰関数とは" in shown  # the rendered text
+    pieces = shown.split("--- token pieces, learned ones inside [[ ]]\n")[1].splitlines()[0]
+    assert pieces.startswith("<s>|▁|") and "|<0x0A>|[[" in pieces and pieces.endswith("</s>]]")
+    assert not (tmp_path / "never").exists()
+
+
 def test_qlora_loss_falls_on_a_4bit_base(micro_base, alpaca_file, tmp_path):
     import bitsandbytes as bnb
 
@@ -75,7 +122,7 @@ def test_full_fine_tuning_and_merged_adapter(micro_base, alpaca_file, tmp_path):
         assert torch.allclose(merged(input_ids=ids).logits, trainer.model(input_ids=ids).logits, atol=1e-4)
 
 
-def test_packed_batch_gives_the_same_loss_as_unpacked(micro_base, tokenizer, alpaca_file, tmp_path):
+def test_packed_batch_gives_the_same_loss_as_unpacked(micro_base, bpe_tokenizer, alpaca_file, tmp_path):
     import datasets
     from transformers import AutoModelForCausalLM
     from trl.data_utils import pack_dataset
@@ -85,6 +132,7 @@ def test_packed_batch_gives_the_same_loss_as_unpacked(micro_base, tokenizer, alp
     from finetune.prompts import tokenize_examples
     from finetune.recipe import DataConfig, DatasetSpec
 
+    tokenizer = bpe_tokenizer
     cfg = DataConfig(datasets=[DatasetSpec(str(alpaca_file), "alpaca")], max_length=256)
     rows = tokenize_examples(load_examples(cfg)[0][:6], cfg, tokenizer)[0]
     model = AutoModelForCausalLM.from_pretrained(micro_base, attn_implementation="sdpa").eval()
