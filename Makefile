@@ -25,11 +25,17 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 # The offline pretraining corpus: English and Japanese manual pages, read where Debian's packages install them.
+# Checked by package, not by folder: apt, dpkg and vim put a few Japanese pages in /usr/share/man/ja themselves.
+CORPUS_PACKAGES := manpages manpages-ja groff-base
 corpora:
-	@if [ ! -d /usr/share/man/ja/man1 ] || [ ! -d /usr/share/man/man7 ] || ! command -v groff >/dev/null; then \
-		$(SUDO) apt-get install -y -q --no-install-recommends manpages manpages-ja groff-base \
-		|| { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q --no-install-recommends manpages manpages-ja groff-base; } \
-		|| echo "could not install manpages manpages-ja groff-base: pretraining will say what is missing"; fi
+	@if ! command -v dpkg-query >/dev/null; then \
+		echo "not a Debian system: install $(CORPUS_PACKAGES) (or their equivalents) for the pretraining corpus"; exit 0; fi; \
+	missing=$$(for p in $(CORPUS_PACKAGES); do \
+		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then echo "installing" $$missing "(the pretraining corpus)"; \
+		$(SUDO) apt-get install -y -q --no-install-recommends $$missing \
+		|| { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q --no-install-recommends $$missing; } \
+		|| echo "could not install" $$missing": pretraining will warn that its corpus is small"; fi
 
 quickstart: install corpora
 	$(LAUNCH) finetune/pretrain.py recipe=pretrain-tiny resume=true

@@ -274,10 +274,25 @@ def _split_documents(spec: CorpusSpec, cfg: CorpusConfig, tmp: Path, stats: dict
 
 
 def extract_text(spec: CorpusSpec, cfg: CorpusConfig) -> Path:
-    """Documents of one corpus as train.jsonl / val.jsonl, cached."""
+    """Documents of one corpus as train.jsonl / val.jsonl, cached; their counts are logged on every run."""
     out = Path(cfg.cache_dir) / "text" / f"{spec.name}-{_source_key(spec, cfg)}"
-    if (out / "meta.json").exists():
-        return out
+    cached = (out / "meta.json").exists()
+    if not cached:
+        _build_text(spec, cfg, out)
+    stats = json.loads((out / "meta.json").read_text())
+    documents = stats["train_documents"] + stats["val_documents"]
+    skipped = ", ".join(f"{stats[k]} {k.replace('_', ' ')}" for k in ("empty_documents", "alias_pages") if stats[k])
+    log.info("corpus %s: %d documents (%d training, %d validation) from %s%s%s", spec.name, documents,
+             stats["train_documents"], stats["val_documents"], spec.path, f" (skipped: {skipped})" if skipped else "",
+             " [cached]" if cached else "")
+    if spec.expect_documents and documents < spec.expect_documents:
+        log.warning("corpus %s has %d documents, far fewer than the %d expected (expect_documents): is the package "
+                    "that provides %s installed? (for manual pages: apt-get install manpages manpages-ja)",
+                    spec.name, documents, spec.expect_documents, spec.path)
+    return out
+
+
+def _build_text(spec: CorpusSpec, cfg: CorpusConfig, out: Path) -> Path:
     tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
     stats = {"train_documents": 0, "val_documents": 0, "empty_documents": 0, "alias_pages": 0}
@@ -293,9 +308,6 @@ def extract_text(spec: CorpusSpec, cfg: CorpusConfig) -> Path:
                         f"{stats['empty_documents']} of them empty: it needs at least two non-empty documents "
                         "(one is held out for validation)")
     (tmp / "meta.json").write_text(json.dumps({"corpus": spec.name, "path": spec.path, **stats}, indent=2))
-    skipped = ", ".join(f"{stats[k]} {k.replace('_', ' ')}" for k in ("empty_documents", "alias_pages") if stats[k])
-    log.info("corpus %s: %d training and %d validation documents from %s%s", spec.name, stats["train_documents"],
-             stats["val_documents"], spec.path, f" (skipped: {skipped})" if skipped else "")
     return _publish(tmp, out)
 
 

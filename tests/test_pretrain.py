@@ -79,6 +79,25 @@ def test_trained_tokenizer_round_trips_english_and_japanese_with_no_unknown_toke
                                          add_generation_prompt=True).endswith("<|im_start|>assistant\n")
 
 
+def test_a_corpus_far_smaller_than_expected_is_reported_on_every_run(tmp_path, corpus_dir, caplog):
+    import logging
+
+    n = len(list((corpus_dir / "en").glob("*.txt")))
+    small = CorpusConfig(corpora=[CorpusSpec(name="en", path=str(corpus_dir / "en"), expect_documents=n + 1)],
+                         cache_dir=str(tmp_path))
+    for cached in (False, True):  # the count is logged from the cache too, where nothing is read again
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="finetune.corpus"):
+            corpus.extract_text(small.corpora[0], small)
+        assert f"corpus en: {n} documents" in caplog.text and ("[cached]" in caplog.text) == cached
+        assert f"far fewer than the {n + 1} expected" in caplog.text
+    caplog.clear()
+    enough = CorpusSpec(name="en", path=str(corpus_dir / "en"), expect_documents=n)
+    with caplog.at_level(logging.INFO, logger="finetune.corpus"):
+        corpus.extract_text(enough, small)
+    assert "far fewer" not in caplog.text
+
+
 def test_documents_are_packed_into_blocks_with_eos_between_them(tmp_path, corpus_dir):
     cfg = CorpusConfig(corpora=[CorpusSpec(name="ja", path=str(corpus_dir / "ja.jsonl"))], seq_len=16,
                        cache_dir=str(tmp_path))
