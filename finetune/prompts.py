@@ -212,16 +212,15 @@ def _warn_once(message: str) -> None:
 
 def render(example: dict, style: str, tokenizer, system_prompt: str | None = None) -> Rendered:
     """An example ({"turns": [...]} or {"text": ...}) as text with BOS/EOS marks and learned spans."""
+    values = [example["text"]] if "text" in example else [v for t in example["turns"] for v in t.values()]
+    if any(_MARKS.search(v) for v in values):
+        raise DataError("the text holds the private-use character U+E000 or U+E001, which the suite reserves to "
+                        "mark BOS and EOS while rendering")
     if "text" in example:
         bos = BOS_MARK if tokenizer.bos_token_id is not None else ""
         return Rendered(bos + example["text"] + EOS_MARK, [(len(bos), len(bos) + len(example["text"]) + 1)])
     turns = example["turns"]
     check_turns(turns)
-    for t, turn in enumerate(turns):
-        for value in turn.values():
-            if _MARKS.search(value):
-                raise DataError(f"turn {t} holds the private-use character U+E000 or U+E001, which the suite "
-                                "reserves to mark BOS and EOS while rendering")
     if style == "chat_template":
         if not getattr(tokenizer, "chat_template", None):
             raise DataError("data.prompt_style=chat_template, but the tokenizer has no chat template")

@@ -246,3 +246,12 @@ def test_show_marks_the_learned_pieces(tokenizer):
     learned = shown.split("[[")[1].removesuffix("]]")
     assert learned.replace("|", "").lstrip("Ġ▁") == "Blue.</s>"
     assert shown.split("[[")[0].endswith(("|\\n|", "|<0x0A>|"))  # the prompt ends on its newline
+
+
+def test_a_record_holding_the_reserved_marks_is_refused_naming_it(tokenizer):
+    from finetune.errors import DataError
+
+    example = {"turns": [{"role": "user", "content": "a\ue001b"}, {"role": "assistant", "content": "ok"}],
+               "origin": "dataset 'x.jsonl' record 3"}
+    with pytest.raises(DataError, match="dataset 'x.jsonl' record 3: the text holds the private-use character"):
+        encode_many([example], "alpaca", tokenizer)
