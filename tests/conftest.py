@@ -38,6 +38,13 @@ def bpe_tokenizer(micro_base):
     return AutoTokenizer.from_pretrained(micro_base)
 
 
+@pytest.fixture(scope="session")
+def sp_tokenizer(micro_base_sp):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(micro_base_sp)
+
+
 # The data layer is tested on both kinds of tokenizer: byte-level BPE has no dummy prefix, SentencePiece has one.
 @pytest.fixture(scope="session", params=["bpe", "sentencepiece"])
 def tokenizer(request):

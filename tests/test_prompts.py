@@ -110,9 +110,9 @@ def test_learned_ids_decode_to_exactly_each_response_and_eos_and_prompts_are_the
             start += len(run)
 
 
-def test_sentencepiece_learns_what_the_text_says_not_a_dummy_prefix(tokenizer):
-    if not tokenizer.convert_ids_to_tokens(tokenizer("a", add_special_tokens=False)["input_ids"])[0].startswith("▁"):
-        pytest.skip("byte-level BPE has no dummy prefix")
+def test_sentencepiece_learns_what_the_text_says_not_a_dummy_prefix(sp_tokenizer):
+    tokenizer = sp_tokenizer
+    assert tokenizer.convert_ids_to_tokens(tokenizer("a", add_special_tokens=False)["input_ids"])[0].startswith("▁")
     for style in ("alpaca-ja", "alpaca", "chatml"):
         row = encode(SEAM, style, tokenizer)
         pieces = tokenizer.convert_ids_to_tokens(row["input_ids"])
