@@ -103,10 +103,15 @@ def _used_columns(spec: DatasetSpec) -> set[str]:
     return {spec.columns.get(f, f) for f in required + optional}
 
 
+def _empty(value: Any) -> bool:
+    # LLaMA-Factory writes "no tools" as the JSON string "[]"
+    return value in (None, [], {}) or (isinstance(value, str) and value.strip() in ("", "[]", "{}"))
+
+
 def _check_refused(record: dict, spec: DatasetSpec, index: int, ignored: dict[str, int]) -> None:
     """Refuse a record holding a field the suite can't honour, unless the spec ignores it (then count it)."""
     used = _used_columns(spec)
-    found = [f for f in REFUSED_FIELDS if f in record and f not in used and record[f] not in (None, "", [], {})]
+    found = [f for f in REFUSED_FIELDS if f in record and f not in used and not _empty(record[f])]
     for f in found:
         if f in spec.ignore_fields:
             ignored[f] = ignored.get(f, 0) + 1
@@ -128,7 +133,8 @@ def _check_refused(record: dict, spec: DatasetSpec, index: int, ignored: dict[st
                     f"alone, add ignore_fields: [{field}] to this dataset (each record it is dropped from is counted)")
 
 
-def _turns(items: Any, spec: DatasetSpec, index: int, role_key: str, text_key: str, roles: dict) -> list[dict]:
+def _turns(items: Any, spec: DatasetSpec, index: int, role_key: str, text_key: str, roles: dict,
+           ignored: dict[str, int]) -> list[dict]:
     where = f"{describe(spec)}: record {index}"
     if not isinstance(items, list) or not items:
         raise DataError(f"{where}: expected a non-empty list of turns, got {type(items).__name__}")
@@ -136,6 +142,12 @@ def _turns(items: Any, spec: DatasetSpec, index: int, role_key: str, text_key: s
     for t, turn in enumerate(items):
         if not isinstance(turn, dict) or role_key not in turn or text_key not in turn:
             raise DataError(f"{where}, turn {t}: expected keys '{role_key}' and '{text_key}', got {turn!r}"[:400])
+        if turn.get("weight") in (0, False) and "weight" in spec.ignore_fields:
+            ignored["weight"] = ignored.get("weight", 0) + 1
+        elif turn.get("weight") in (0, False):
+            raise DataError(f"{where}, turn {t} has weight 0 (OpenAI's format: do not learn this turn); the suite "
+                            "learns every assistant turn: remove the turn, or add ignore_fields: [weight] to learn "
+                            "it anyway")
         if turn[role_key] in TOOL_ROLES or turn.get("tool_calls"):
             raise DataError(f"{where}, turn {t}: a tool call or tool result ({role_key} {turn[role_key]!r}): "
                             f"{_TOOLS}; remove such conversations from the file")
@@ -172,7 +184,8 @@ def to_example(record: dict, spec: DatasetSpec, index: int, ignored: dict[str, i
 
     fmt = spec.format
     origin = f"{describe(spec)} record {index}"
-    _check_refused(record, spec, index, {} if ignored is None else ignored)
+    ignored = {} if ignored is None else ignored
+    _check_refused(record, spec, index, ignored)
     if fmt == "text":
         return {"text": str(_field(record, "text", spec, index, True)), "origin": origin}
     system = _field(record, "system", spec, index, False)
@@ -187,8 +200,12 @@ def to_example(record: dict, spec: DatasetSpec, index: int, ignored: dict[str, i
         turns += [user, {"role": "assistant", "content": str(_field(record, response_key, spec, index, True))}]
     elif fmt in ("conversations", "messages"):
         items = _field(record, fmt, spec, index, True)
-        listed = (_turns(items, spec, index, "from", "value", SHAREGPT_ROLES) if fmt == "conversations"
-                  else _turns(items, spec, index, "role", "content", {r: r for r in ROLES}))
+        listed = (_turns(items, spec, index, "from", "value", SHAREGPT_ROLES, ignored) if fmt == "conversations"
+                  else _turns(items, spec, index, "role", "content", {r: r for r in ROLES}, ignored))
+        try:
+            check_turns(listed)  # before a `system` field is put in front, so turn numbers are the record's own
+        except DataError as e:
+            raise DataError(f"{describe(spec)}: record {index}: {e}") from None
         if turns and listed[0]["role"] == "system":
             raise DataError(f"{describe(spec)}: record {index} has both a 'system' field and a system turn; "
                             "keep one")
@@ -226,7 +243,8 @@ def report_fields(spec: DatasetSpec, columns: list[str], ignored: dict[str, int]
     if unused:
         log.info("%s: column(s) not used by format '%s': %s", describe(spec), spec.format, ", ".join(unused))
     for f, n in sorted(ignored.items()):
-        log.warning("%s: ignore_fields dropped '%s' from %d of %d records", describe(spec), f, n, records)
+        where = f"{n} turns" if f == "weight" else f"{n} of {records} records"
+        log.warning("%s: ignore_fields dropped '%s' from %s", describe(spec), f, where)
 
 
 def load_examples(cfg: DataConfig) -> tuple[list[dict], list[dict]]:

@@ -6,11 +6,14 @@ One rendering serves training, generation, evaluation and DPO (`encode`, `encode
    transformers' own renderer; `{% generation %}` blocks mark what is learned (each response and its EOS).
    The same template, without those marks, is saved with the run's tokenizer, so `apply_chat_template`
    renders exactly the text the model was trained on.
-2. **Tokenise whole.** BOS starts a document and EOS ends each response; both go in *by id* (with the built-in
-   styles, a record's own `</s>` stays text). The text between BOS ids is tokenised in one call, as pretraining
-   tokenised documents, so a SentencePiece tokenizer's dummy prefix `▁` appears once, at the document's start,
-   never at the prompt/response seam or after an EOS. Encoding prompt and response separately, as many tools
-   do, teaches the model `▁The` where the text has `The`.
+2. **Tokenise whole.** BOS starts a document and EOS ends each response; both go in *by id*, and a record's
+   own `</s>` stays text (unless the template itself writes special tokens as text, e.g. ChatML's
+   `<|im_start|>` where a tokenizer has it as one: then they are parsed, and such records are counted). The
+   text between BOS ids is tokenised in one call, as pretraining tokenised documents, so a SentencePiece
+   tokenizer's dummy prefix `▁` appears once, at the document's start, never at the prompt/response seam or
+   after an EOS. Encoding prompt and response separately, as many tools do, teaches `▁The` where the text has
+   `The`. (transformers' `apply_chat_template(tokenize=True)` reads `<s>` as text and so puts no `▁` after it;
+   the text it renders is the trained text, and `prompt_ids` gives the trained ids.)
 3. **Label by character.** A token is learned when its characters (offsets from the tokenizer) overlap a
    learned span; padding is masked by the collator by position, never by comparing ids, so an EOS that
    shares the pad id is still learned.
@@ -120,11 +123,22 @@ def chat_template(style: str, system_prompt: str | None = None, marked: bool = F
     if style not in _STYLES:
         raise DataError(f"unknown prompt style '{style}', expected one of {', '.join(STYLES)}")
     body, words = _STYLES[style]
-    header = "".join(f"{{%- set {k.upper()} = {_literal(v)} -%}}" for k, v in words.items())
-    template = f"{{%- set SYSTEM = {_literal(system_prompt)} -%}}{header}{{{{- bos_token -}}}}" \
-        if style != "llama2" else f"{{%- set SYSTEM = {_literal(system_prompt)} -%}}{header}"
-    template += body
-    return template if marked else re.sub(r"\{%-? ?(end)?generation ?-?%\}", "", template)
+    if not marked:  # from the body only: a system prompt that mentions {% generation %} stays as it is
+        body = re.sub(r"\{%-? ?(end)?generation ?-?%\}", "", body)
+    header = f"{{%- set SYSTEM = {_literal(system_prompt)} -%}}"
+    header += "".join(f"{{%- set {k.upper()} = {_literal(v)} -%}}" for k, v in words.items())
+    return header + ("" if style == "llama2" else "{{- bos_token -}}") + body
+
+
+def own_template(tokenizer, system_prompt: str | None = None) -> str:
+    """The tokenizer's own chat template; with `system_prompt`, one that adds it where a conversation has none."""
+    template = getattr(tokenizer, "chat_template", None)
+    if not template:
+        raise DataError("data.prompt_style=chat_template, but the tokenizer has no chat template")
+    if not system_prompt:
+        return template
+    return ("{%- if not messages or messages[0]['role'] != 'system' -%}{%- set messages = [{'role': 'system', "
+            f"'content': {_literal(system_prompt)}}}] + messages -%}}{{%- endif %}}" + template)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -169,14 +183,14 @@ def _render_template(template: str, messages: list[dict], tokenizer, generation_
     return texts[0], spans[0]
 
 
-def _render_own_template(messages: list[dict], tokenizer) -> Rendered:
+def _render_own_template(messages: list[dict], tokenizer, template: str) -> Rendered:
     """The tokenizer's own chat template. Without `{% generation %}` blocks, each response is what rendering
     the conversation up to it adds to the prompt rendered with the generation prompt."""
-    template = tokenizer.chat_template
-    if "generation" in template and re.search(r"\{%-?\s*generation\s*-?%\}", template):
-        text, learned = _render_template(template, messages, tokenizer)
+    asks = messages[-1]["role"] == "user"  # a prompt for generation ends with the assistant's header
+    if re.search(r"\{%-?\s*generation\s*-?%\}", template):
+        text, learned = _render_template(template, messages, tokenizer, generation_prompt=asks)
     else:
-        text, _ = _render_template(template, messages, tokenizer)
+        text, _ = _render_template(template, messages, tokenizer, generation_prompt=asks)
         learned = []
         for i, m in enumerate(messages):
             if m["role"] != "assistant":
@@ -187,17 +201,26 @@ def _render_own_template(messages: list[dict], tokenizer) -> Rendered:
                 raise DataError("the tokenizer's chat template renders a conversation so that its prompt is not a "
                                 "prefix of the whole; choose another data.prompt_style")
             learned.append((len(prompt), len(upto)))
-    # A template that ends a response with neither EOS nor the EOS text would never teach the model to stop.
+    # A response must end with EOS, or the model never learns to stop: EOS written by the template just after
+    # the response is learned with it; where the template writes none, EOS is put in by id.
     eos_text = tokenizer.eos_token
-    for n, (start, end) in enumerate(learned):
+    for n in range(len(learned)):
+        start, end = learned[n]
         answer = text[start:end].rstrip()
-        if not answer.endswith(EOS_MARK) and not (eos_text and answer.endswith(eos_text)):
-            cut = start + len(answer)
-            text = text[:cut] + EOS_MARK + text[cut:]
-            learned = [(s + (s >= cut), e + (e >= cut)) for s, e in learned]
-            learned[n] = (start, cut + 1)
-            _warn_once("the tokenizer's chat template does not end a response with EOS: EOS is appended by id "
-                       "so the model learns to stop (the template itself does not render it)")
+        if answer.endswith(EOS_MARK) or (eos_text and answer.endswith(eos_text)):
+            continue
+        after = text[end:]
+        gap = len(after) - len(after.lstrip())
+        written = next((m for m in (EOS_MARK, eos_text) if m and after[gap:].startswith(m)), None)
+        if written:
+            learned[n] = (start, end + gap + len(written))
+            continue
+        cut = start + len(answer)
+        text = text[:cut] + EOS_MARK + text[cut:]
+        learned = [(s + (s >= cut), e + (e >= cut)) for s, e in learned]
+        learned[n] = (start, cut + 1)
+        _warn_once("the tokenizer's chat template does not end a response with EOS: EOS is appended by id "
+                   "so the model learns to stop (the template itself does not render it)")
     return Rendered(text, learned)
 
 
@@ -210,10 +233,18 @@ def _warn_once(message: str) -> None:
         log.warning(message)
 
 
-def render(example: dict, style: str, tokenizer, system_prompt: str | None = None) -> Rendered:
+def template_for(style: str, tokenizer, system_prompt: str | None = None) -> str:
+    """The template a style renders with (its `{% generation %}` marks kept)."""
+    if style == "chat_template":
+        return own_template(tokenizer, system_prompt)
+    return chat_template(style, system_prompt, marked=True)
+
+
+def render(example: dict, style: str, tokenizer, system_prompt: str | None = None,
+           template: str | None = None) -> Rendered:
     """An example ({"turns": [...]} or {"text": ...}) as text with BOS/EOS marks and learned spans."""
     values = [example["text"]] if "text" in example else [v for t in example["turns"] for v in t.values()]
-    if any(_MARKS.search(v) for v in values):
+    if any(_MARKS.search(v) for v in [*values, system_prompt or ""]):
         raise DataError("the text holds the private-use character U+E000 or U+E001, which the suite reserves to "
                         "mark BOS and EOS while rendering")
     if "text" in example:
@@ -221,14 +252,20 @@ def render(example: dict, style: str, tokenizer, system_prompt: str | None = Non
         return Rendered(bos + example["text"] + EOS_MARK, [(len(bos), len(bos) + len(example["text"]) + 1)])
     turns = example["turns"]
     check_turns(turns)
+    template = template or template_for(style, tokenizer, system_prompt)
     if style == "chat_template":
-        if not getattr(tokenizer, "chat_template", None):
-            raise DataError("data.prompt_style=chat_template, but the tokenizer has no chat template")
-        if system_prompt and turns[0]["role"] != "system":
-            turns = [{"role": "system", "content": system_prompt}, *turns]
-        return _render_own_template(turns, tokenizer)
-    text, learned = _render_template(chat_template(style, system_prompt, marked=True), turns, tokenizer)
+        return _render_own_template(turns, tokenizer, template)
+    text, learned = _render_template(template, turns, tokenizer)
     return Rendered(text, learned)
+
+
+def _writes_special_tokens(template: str, tokenizer) -> list[str]:
+    """Special tokens (other than BOS and EOS, which go in by id) that a template writes as text itself, such
+    as `<|im_start|>` where a tokenizer has it as a special token: those must be parsed, not split."""
+    probe, _ = _render_template(template, [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
+                                           {"role": "assistant", "content": "a"}], tokenizer)
+    skip = {tokenizer.bos_token, tokenizer.eos_token}
+    return [t for t in tokenizer.all_special_tokens if t not in skip and t in probe]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -310,7 +347,7 @@ def _assemble(docs, encoded, tokenizer, train_on_prompt: bool, split_special: bo
         starts, ends = span[:, 0], np.maximum(span[:, 1], span[:, 0] + 1)  # a lone dummy prefix has no chars
         eos = np.asarray([p for p, _ in doc.eos], dtype=np.int64)
         at = np.searchsorted(starts, eos, side="left")  # an EOS goes before the first token starting at or after it
-        if ((at > 0) & (ends[np.maximum(at - 1, 0)] > eos)).any():
+        if len(starts) and ((at > 0) & (ends[np.maximum(at - 1, 0)] > eos)).any():
             # A token runs across an EOS: tokenise the pieces between EOS ids apart (never seen with LLaMA's
             # SentencePiece or byte-level BPE, whose pieces end at a newline; counted where a tokenizer does it).
             stats["eos_splits"] = stats.get("eos_splits", 0) + 1
@@ -320,8 +357,12 @@ def _assemble(docs, encoded, tokenizer, train_on_prompt: bool, split_special: bo
                 if b > a:
                     enc = tokenizer(doc.text[a:b], add_special_tokens=False, return_offsets_mapping=True,
                                     split_special_tokens=split_special)
-                    ids += enc["input_ids"]
-                    spans += [(s + a, e + a) for s, e in enc["offset_mapping"]]
+                    piece_ids, piece_spans = enc["input_ids"], enc["offset_mapping"]
+                    if a and piece_ids and tokenizer.convert_ids_to_tokens(piece_ids[0]) == "▁" \
+                            and not doc.text[a].isspace():  # a SentencePiece dummy prefix: not in the text
+                        piece_ids, piece_spans = piece_ids[1:], piece_spans[1:]
+                    ids += piece_ids
+                    spans += [(s + a, e + a) for s, e in piece_spans]
             span = np.asarray(spans, dtype=np.int64).reshape(-1, 2)
             starts, ends = span[:, 0], np.maximum(span[:, 1], span[:, 0] + 1)
             at = np.searchsorted(starts, eos, side="left")
@@ -356,18 +397,23 @@ def encode_many(examples: list[dict], style: str, tokenizer, system_prompt: str 
         raise DataError(f"tokenizer {type(tokenizer).__name__} gives no character offsets (not a fast "
                         "tokenizer): the suite needs them to label responses exactly")
     stats = {} if stats is None else stats
+    template = template_for(style, tokenizer, system_prompt)
+    # Text is tokenised with special-token strings split (a record's `</s>` stays text), unless the template
+    # writes special tokens itself; then they are parsed, and records holding one are counted.
+    written = _writes_special_tokens(template, tokenizer)
     all_docs = []
     for i, example in enumerate(examples):
         try:
-            all_docs.append(_documents(render(example, style, tokenizer, system_prompt)))
+            all_docs.append(_documents(render(example, style, tokenizer, system_prompt, template)))
         except DataError as e:
             raise DataError(f"{example.get('origin', f'example {i}')}: {e}") from None
-    # The built-in styles write no special token as text (BOS and EOS go in by id), so `</s>` in a record is
-    # text; a tokenizer's own template may write special tokens as text, which must then be parsed as such.
-    split_special = style != "chat_template"
+        if written:
+            values = [example["text"]] if "text" in example else [v for t in example["turns"] for v in t.values()]
+            if any(t in v for t in tokenizer.all_special_tokens for v in values):
+                stats["special_token_text"] = stats.get("special_token_text", 0) + 1
     flat = [d for docs in all_docs for d in docs]
-    encoded = iter(_encode_documents(flat, tokenizer, split_special))
-    return [_assemble(docs, [next(encoded) for _ in docs], tokenizer, train_on_prompt, split_special, stats)
+    encoded = iter(_encode_documents(flat, tokenizer, not written))
+    return [_assemble(docs, [next(encoded) for _ in docs], tokenizer, train_on_prompt, not written, stats)
             for docs in all_docs]
 
 
@@ -388,9 +434,9 @@ def prompt_ids(turns: list[dict], style: str, tokenizer, system_prompt: str | No
     return encode({"turns": turns}, style, tokenizer, system_prompt)["input_ids"]
 
 
-def saved_chat_template(style: str, system_prompt: str | None, tokenizer) -> str | None:
+def saved_chat_template(style: str, system_prompt: str | None, tokenizer) -> str:
     """The chat template to save with a run: the one that renders the text its style trained on."""
-    return tokenizer.chat_template if style == "chat_template" else chat_template(style, system_prompt)
+    return own_template(tokenizer, system_prompt) if style == "chat_template" else chat_template(style, system_prompt)
 
 
 def show(row: dict[str, list[int]], tokenizer) -> str:
@@ -444,6 +490,11 @@ def tokenize_examples(examples: list[dict], cfg, tokenizer, name: str = "train")
         stats["eos_splits"] = counts["eos_splits"]
         log.warning("%s: in %d examples a token ran across an EOS; the text around it was tokenised in pieces",
                     name, counts["eos_splits"])
+    if counts.get("special_token_text"):
+        stats["special_token_text"] = counts["special_token_text"]
+        log.warning("%s: %d examples hold a special token's text (e.g. '%s') in a turn; the prompt template writes "
+                    "special tokens as text, so these are read as the special tokens themselves", name,
+                    counts["special_token_text"], tokenizer.eos_token)
     if counts.get("seam_tokens"):
         stats["seam_tokens"] = counts["seam_tokens"]
         log.warning("%s: %d responses start inside a token that also holds the end of the prompt (the prompt style "

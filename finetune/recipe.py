@@ -115,8 +115,8 @@ class DatasetSpec:
     weight: float = 1.0
     """Share in a mixture: 0.5 keeps a random half of this dataset, 2.0 repeats it twice."""
     ignore_fields: list[str] = field(default_factory=list)
-    """Fields the suite can't train on (images, tools, KTO `label`, preference `rejected`, ...) are refused;
-    list one here to train without it instead. Each record it is dropped from is counted in the log."""
+    """Fields the suite can't train on (images, tools, KTO `label`, preference `rejected`, a turn's `weight: 0`,
+    ...) are refused; list one here to train without it instead. Records it is dropped from are counted."""
 
     def __post_init__(self):
         if not self.path:

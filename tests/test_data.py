@@ -239,3 +239,28 @@ def test_bundled_data_has_200_english_and_200_japanese_examples():
 
     assert count("alpaca_en.jsonl", "alpaca") >= 200
     assert count("dolly_ja.jsonl", "dolly") >= 200
+
+
+def test_turn_numbers_are_the_records_own_when_a_system_field_is_put_in_front(tmp_path):
+    f = write_jsonl(tmp_path / "s.jsonl", [{"system": "S", "conversations": [
+        {"from": "gpt", "value": "A"}, {"from": "human", "value": "Q"}]}])
+    with pytest.raises(DataError, match=r"record 0: turn 0 is a assistant turn where a system or user turn"):
+        load_examples(cfg(DatasetSpec(str(f), "conversations")))
+
+
+def test_an_openai_turn_of_weight_0_is_refused_or_learned_when_asked(tmp_path, caplog):
+    f = write_jsonl(tmp_path / "w.jsonl", [{"messages": [
+        {"role": "user", "content": "Q"}, {"role": "assistant", "content": "bad", "weight": 0},
+        {"role": "user", "content": "Q2"}, {"role": "assistant", "content": "good", "weight": 1}]}])
+    with pytest.raises(DataError, match=r"record 0, turn 1 has weight 0 .*ignore_fields: \[weight\]"):
+        load_examples(cfg(DatasetSpec(str(f), "messages")))
+    with caplog.at_level(logging.WARNING):
+        train, _ = load_examples(cfg(DatasetSpec(str(f), "messages", ignore_fields=["weight"])))
+    assert [t["content"] for t in train[0]["turns"]] == ["Q", "bad", "Q2", "good"]
+    assert "ignore_fields dropped 'weight' from 1 turns" in caplog.text
+
+
+def test_llama_factorys_empty_tools_string_is_no_tool(tmp_path):
+    f = write_jsonl(tmp_path / "t.jsonl", [{"conversations": [{"from": "human", "value": "Q"},
+                                                              {"from": "gpt", "value": "A"}], "tools": "[]"}])
+    assert len(load_examples(cfg(DatasetSpec(str(f), "conversations")))[0]) == 1

@@ -255,3 +255,95 @@ def test_a_record_holding_the_reserved_marks_is_refused_naming_it(tokenizer):
                "origin": "dataset 'x.jsonl' record 3"}
     with pytest.raises(DataError, match="dataset 'x.jsonl' record 3: the text holds the private-use character"):
         encode_many([example], "alpaca", tokenizer)
+
+
+# --- a tokenizer's own chat template (prompt_style: chat_template) -----------------------------------------
+
+CHATML_PLAIN = ("{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def with_template(tokenizer, template):
+    copied = copy.deepcopy(tokenizer)
+    copied.chat_template = template
+    return copied
+
+
+def test_own_template_prompts_end_with_the_assistant_header_and_are_the_training_prefix(tokenizer):
+    plain = with_template(tokenizer, CHATML_PLAIN)  # writes no EOS: it goes in by id after <|im_end|>
+    for example in (SINGLE, MULTI, SEAM):
+        row = encode(example, "chat_template", plain)
+        turns = example["turns"]
+        runs = learned_runs(row)
+        start = 0
+        for run, i in zip(runs, [i for i, t in enumerate(turns) if t["role"] == "assistant"], strict=True):
+            start = row["labels"].index(run[0], start)
+            ids = prompt_ids(turns[:i], "chat_template", plain)
+            assert tokenizer.decode(ids).endswith("<|im_start|>assistant\n")
+            assert ids == row["input_ids"][:start]
+            start += len(run)
+
+
+def test_own_template_without_eos_gets_one_eos_per_response_in_the_right_place(tokenizer):
+    glued = with_template(tokenizer, "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}<user>"
+                                     "{{ m['content'] }}</user>{% else %}{{ m['content'] }}{% endif %}{% endfor %}")
+    example = {"turns": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"},
+                         {"role": "user", "content": "Again"}, {"role": "assistant", "content": "Sure"}]}
+    row = encode(example, "chat_template", glued)
+    assert [tokenizer.decode(r) for r in learned_runs(row)] == ["Yo</s>", "Sure</s>"]
+    assert row["input_ids"].count(tokenizer.eos_token_id) == 2
+
+
+def test_eos_the_template_writes_after_the_response_is_learned_not_doubled(tokenizer):
+    marked = with_template(tokenizer, "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}Q: "
+                                      "{{ m['content'] }}\nA: {% else %}{% generation %}{{ m['content'] }}"
+                                      "{% endgeneration %}{{ eos_token }}\n{% endif %}{% endfor %}")
+    row = encode({"turns": MULTI["turns"][1:]}, "chat_template", marked)
+    assert [tokenizer.decode(r) for r in learned_runs(row)] == ["はい。</s>", "Yes.</s>"]
+    assert row["input_ids"].count(tokenizer.eos_token_id) == 2
+
+
+def test_own_template_saved_with_the_system_prompt_renders_it(tokenizer):
+    saved = saved_chat_template("chat_template", "SYS", tokenizer)
+    text = tokenizer.apply_chat_template(SINGLE["turns"], tokenize=False, chat_template=saved)
+    assert text.startswith("<s><|im_start|>system\nSYS<|im_end|>\n")
+    row = encode(SINGLE, "chat_template", tokenizer, "SYS")
+    assert tokenizer.decode(row["input_ids"][1:]) == text.removeprefix("<s>")
+    own = tokenizer.apply_chat_template(MULTI["turns"], tokenize=False, chat_template=saved)
+    assert "SYS" not in own and "Be brief." in own  # a record's own system prompt wins
+
+
+def test_a_system_prompt_that_mentions_generation_tags_is_saved_verbatim(tokenizer):
+    prompt = "Write {% generation %} literally, and a back\\slash."
+    text = tokenizer.apply_chat_template(SINGLE["turns"], tokenize=False,
+                                         chat_template=saved_chat_template("chatml", prompt, tokenizer))
+    assert f"<|im_start|>system\n{prompt}<|im_end|>" in text
+
+
+def test_an_eos_straddled_by_a_token_is_tokenised_in_pieces_without_a_dummy_prefix(sp_tokenizer):
+    from finetune.prompts import _assemble, _Document, _encode_documents
+
+    doc = _Document("Hello world", True, False, [(3, True)], [(0, 3)])  # EOS inside the word: a straddle
+    stats = {}
+    row = _assemble([doc], _encode_documents([doc], sp_tokenizer, True), sp_tokenizer, False, True, stats)
+    pieces = sp_tokenizer.convert_ids_to_tokens(row["input_ids"])
+    eos = pieces.index("</s>")
+    assert stats["eos_splits"] == 1 and pieces[eos + 1] != "▁"
+    assert sp_tokenizer.decode(row["input_ids"][1:eos]) == "Hel"
+
+
+def test_an_empty_text_is_bos_and_a_learned_eos(tokenizer):
+    row = encode({"text": ""}, "alpaca", tokenizer)
+    assert row == {"input_ids": [tokenizer.bos_token_id, tokenizer.eos_token_id],
+                   "labels": [IGNORE, tokenizer.eos_token_id]}
+
+
+def test_chatml_markers_that_are_special_tokens_stay_whole_and_records_naming_them_are_counted(bpe_tokenizer):
+    tokenizer = copy.deepcopy(bpe_tokenizer)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    start, end = tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
+    row = encode(SINGLE, "chatml", tokenizer)
+    assert row["input_ids"].count(start) == 2 and row["input_ids"].count(end) == 2
+    cfg = DataConfig(datasets=[DatasetSpec("x.jsonl")], prompt_style="chatml")
+    quoting = {"turns": [{"role": "user", "content": "What is <|im_end|>?"}, {"role": "assistant", "content": "A"}]}
+    assert tokenize_examples([SINGLE, quoting], cfg, tokenizer)[1]["special_token_text"] == 1
