@@ -137,8 +137,9 @@ def own_template(tokenizer, system_prompt: str | None = None) -> str:
         raise DataError("data.prompt_style=chat_template, but the tokenizer has no chat template")
     if not system_prompt:
         return template
-    return ("{%- if not messages or messages[0]['role'] != 'system' -%}{%- set messages = [{'role': 'system', "
-            f"'content': {_literal(system_prompt)}}}] + messages -%}}{{%- endif %}}" + template)
+    default = ("{%- if not messages or messages[0]['role'] != 'system' -%}{%- set messages = [{'role': 'system', "
+               f"'content': {_literal(system_prompt)}}}] + messages -%}}{{%- endif %}}")
+    return template if template.startswith(default) else default + template  # a saved run's has it already
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -107,11 +107,11 @@ def train(cfg: SFTRecipe, recipe_file: Path | None = None, callbacks: list | Non
     # Model and data
     # ------------------------------------------------------------------------------------------------------
     tokenizer = modeling.load_tokenizer(cfg.model)
-    # Saved with the adapter: apply_chat_template then renders exactly the text this style trains on.
-    tokenizer.chat_template = prompts.saved_chat_template(cfg.data.prompt_style, cfg.data.system_prompt, tokenizer)
     train_examples, eval_examples = load_examples(cfg.data)
     train_rows, data_stats = prompts.tokenize_examples(train_examples, cfg.data, tokenizer, "train")
     eval_rows = prompts.tokenize_examples(eval_examples, cfg.data, tokenizer, "eval")[0] if eval_examples else []
+    # Saved with the adapter: apply_chat_template then renders exactly the text this style trained on.
+    tokenizer.chat_template = prompts.saved_chat_template(cfg.data.prompt_style, cfg.data.system_prompt, tokenizer)
     log.info("data: %d training and %d held-out examples", len(train_rows), len(eval_rows))
 
     model = modeling.load_model(cfg.model, cfg.quantization)

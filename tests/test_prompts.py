@@ -311,6 +311,8 @@ def test_own_template_saved_with_the_system_prompt_renders_it(tokenizer):
     assert tokenizer.decode(row["input_ids"][1:]) == text.removeprefix("<s>")
     own = tokenizer.apply_chat_template(MULTI["turns"], tokenize=False, chat_template=saved)
     assert "SYS" not in own and "Be brief." in own  # a record's own system prompt wins
+    reloaded = with_template(tokenizer, saved)  # a saved run's tokenizer, used again with its recipe
+    assert saved_chat_template("chat_template", "SYS", reloaded) == saved
 
 
 def test_a_system_prompt_that_mentions_generation_tags_is_saved_verbatim(tokenizer):
