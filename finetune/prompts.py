@@ -25,7 +25,6 @@ import bisect
 import json
 import logging
 import re
-import unicodedata
 from dataclasses import dataclass
 
 from finetune.errors import DataError
@@ -234,18 +233,21 @@ def _warn_once(message: str) -> None:
         log.warning(message)
 
 
-def template_for(style: str, tokenizer, system_prompt: str | None = None) -> str:
-    """The template a style renders with (its `{% generation %}` marks kept)."""
+def template_for(style: str, tokenizer, system_prompt: str | None = None, marked: bool = True) -> str:
+    """The template a style renders with (`marked`: its `{% generation %}` blocks kept)."""
     if style == "chat_template":
         return own_template(tokenizer, system_prompt)
-    return chat_template(style, system_prompt, marked=True)
+    return chat_template(style, system_prompt, marked=marked)
+
+
+def _texts(example: dict) -> list[str]:
+    return [example["text"]] if "text" in example else [v for t in example["turns"] for v in t.values()]
 
 
 def render(example: dict, style: str, tokenizer, system_prompt: str | None = None,
            template: str | None = None) -> Rendered:
     """An example ({"turns": [...]} or {"text": ...}) as text with BOS/EOS marks and learned spans."""
-    values = [example["text"]] if "text" in example else [v for t in example["turns"] for v in t.values()]
-    if any(_MARKS.search(v) for v in [*values, system_prompt or ""]):
+    if any(_MARKS.search(v) for v in [*_texts(example), system_prompt or ""]):
         raise DataError("the text holds the private-use character U+E000 or U+E001, which the suite reserves to "
                         "mark BOS and EOS while rendering")
     if "text" in example:
@@ -333,6 +335,16 @@ def _encode_documents(docs: list[_Document], tokenizer, split_special: bool):
     return out
 
 
+def _positions(offsets, eos):
+    """Token starts and ends (a lone dummy prefix, with no characters, gets its first one) and, for each EOS
+    position, the index of the first token starting at or after it: where that EOS goes."""
+    import numpy as np
+
+    span = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+    starts, ends = span[:, 0], np.maximum(span[:, 1], span[:, 0] + 1)
+    return starts, ends, np.searchsorted(starts, eos, side="left")
+
+
 def _assemble(docs, encoded, tokenizer, train_on_prompt: bool, split_special: bool,
               stats: dict) -> dict[str, list[int]]:
     """One row from its documents' tokens: BOS/EOS ids put in, each token labelled by its characters."""
@@ -344,10 +356,8 @@ def _assemble(docs, encoded, tokenizer, train_on_prompt: bool, split_special: bo
         if doc.bos:
             input_ids.append(tokenizer.bos_token_id)
             learned.append(doc.bos_learned)
-        span = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
-        starts, ends = span[:, 0], np.maximum(span[:, 1], span[:, 0] + 1)  # a lone dummy prefix has no chars
         eos = np.asarray([p for p, _ in doc.eos], dtype=np.int64)
-        at = np.searchsorted(starts, eos, side="left")  # an EOS goes before the first token starting at or after it
+        starts, ends, at = _positions(offsets, eos)
         if len(starts) and ((at > 0) & (ends[np.maximum(at - 1, 0)] > eos)).any():
             # A token runs across an EOS: tokenise the pieces between EOS ids apart (never seen with LLaMA's
             # SentencePiece or byte-level BPE, whose pieces end at a newline; counted where a tokenizer does it).
@@ -364,9 +374,7 @@ def _assemble(docs, encoded, tokenizer, train_on_prompt: bool, split_special: bo
                         piece_ids, piece_spans = piece_ids[1:], piece_spans[1:]
                     ids += piece_ids
                     spans += [(s + a, e + a) for s, e in piece_spans]
-            span = np.asarray(spans, dtype=np.int64).reshape(-1, 2)
-            starts, ends = span[:, 0], np.maximum(span[:, 1], span[:, 0] + 1)
-            at = np.searchsorted(starts, eos, side="left")
+            starts, ends, at = _positions(spans, eos)
         # A token is learned when any of its characters is: the last learned span starting before its end
         # reaches past its start.
         spans_learned = np.asarray(doc.learned, dtype=np.int64).reshape(-1, 2)
@@ -408,10 +416,8 @@ def encode_many(examples: list[dict], style: str, tokenizer, system_prompt: str 
             all_docs.append(_documents(render(example, style, tokenizer, system_prompt, template)))
         except DataError as e:
             raise DataError(f"{example.get('origin', f'example {i}')}: {e}") from None
-        if written:
-            values = [example["text"]] if "text" in example else [v for t in example["turns"] for v in t.values()]
-            if any(t in v for t in tokenizer.all_special_tokens for v in values):
-                stats["special_token_text"] = stats.get("special_token_text", 0) + 1
+        if written and any(t in v for t in tokenizer.all_special_tokens for v in _texts(example)):
+            stats["special_token_text"] = stats.get("special_token_text", 0) + 1
     flat = [d for docs in all_docs for d in docs]
     encoded = iter(_encode_documents(flat, tokenizer, not written))
     return [_assemble(docs, [next(encoded) for _ in docs], tokenizer, train_on_prompt, not written, stats)
@@ -431,13 +437,15 @@ def prompt_ids(turns: list[dict], style: str, tokenizer, system_prompt: str | No
     if turns[-1]["role"] != "user":
         raise ValueError("the last turn of a prompt must be the user's")
     if nfkc:
-        turns = [{k: unicodedata.normalize("NFKC", v) for k, v in t.items()} for t in turns]
+        from finetune.data import nfkc as normalise
+
+        turns = normalise({"turns": turns})["turns"]
     return encode({"turns": turns}, style, tokenizer, system_prompt)["input_ids"]
 
 
 def saved_chat_template(style: str, system_prompt: str | None, tokenizer) -> str:
     """The chat template to save with a run: the one that renders the text its style trained on."""
-    return own_template(tokenizer, system_prompt) if style == "chat_template" else chat_template(style, system_prompt)
+    return template_for(style, tokenizer, system_prompt, marked=False)
 
 
 def show(row: dict[str, list[int]], tokenizer) -> str:
