@@ -142,12 +142,6 @@ def _turns(items: Any, spec: DatasetSpec, index: int, role_key: str, text_key: s
     for t, turn in enumerate(items):
         if not isinstance(turn, dict) or role_key not in turn or text_key not in turn:
             raise DataError(f"{where}, turn {t}: expected keys '{role_key}' and '{text_key}', got {turn!r}"[:400])
-        if turn.get("weight") in (0, False) and "weight" in spec.ignore_fields:
-            ignored["weight"] = ignored.get("weight", 0) + 1
-        elif turn.get("weight") in (0, False):
-            raise DataError(f"{where}, turn {t} has weight 0 (OpenAI's format: do not learn this turn); the suite "
-                            "learns every assistant turn: remove the turn, or add ignore_fields: [weight] to learn "
-                            "it anyway")
         if turn[role_key] in TOOL_ROLES or turn.get("tool_calls"):
             raise DataError(f"{where}, turn {t}: a tool call or tool result ({role_key} {turn[role_key]!r}): "
                             f"{_TOOLS}; remove such conversations from the file")
@@ -160,6 +154,12 @@ def _turns(items: Any, spec: DatasetSpec, index: int, role_key: str, text_key: s
                             "the suite trains on plain text: give each turn's text as a string")
         if not isinstance(turn[text_key], str):
             raise DataError(f"{where}, turn {t}: '{text_key}' must be a string")
+        if role == "assistant" and turn.get("weight") in (0, False):  # OpenAI's format: do not learn this turn
+            if "weight" not in spec.ignore_fields:
+                raise DataError(f"{where}, turn {t} has weight 0 (OpenAI's format: do not learn this turn); the "
+                                "suite learns every assistant turn: remove the turn, or add ignore_fields: [weight] "
+                                "to learn it anyway")
+            ignored["weight"] = ignored.get("weight", 0) + 1
         turns.append({"role": role, "content": turn[text_key]})
     return turns
 
@@ -203,7 +203,9 @@ def to_example(record: dict, spec: DatasetSpec, index: int, ignored: dict[str, i
         listed = (_turns(items, spec, index, "from", "value", SHAREGPT_ROLES, ignored) if fmt == "conversations"
                   else _turns(items, spec, index, "role", "content", {r: r for r in ROLES}, ignored))
         try:
-            check_turns(listed)  # before a `system` field is put in front, so turn numbers are the record's own
+            # The record's own list, before a `system` field goes in front, so turn numbers are the record's own
+            # (alpaca and dolly records are in order by construction).
+            check_turns(listed)
         except DataError as e:
             raise DataError(f"{describe(spec)}: record {index}: {e}") from None
         if turns and listed[0]["role"] == "system":
@@ -212,10 +214,6 @@ def to_example(record: dict, spec: DatasetSpec, index: int, ignored: dict[str, i
         turns += listed
     else:
         raise DataError(f"{describe(spec)}: unknown format '{fmt}'")
-    try:
-        check_turns(turns)
-    except DataError as e:
-        raise DataError(f"{describe(spec)}: record {index}: {e}") from None
     if not any(t["role"] == "assistant" for t in turns):
         raise DataError(f"{describe(spec)}: record {index}: has no assistant turn to learn from")
     return {"turns": turns, "origin": origin}
