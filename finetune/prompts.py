@@ -57,6 +57,7 @@ LLAMA2_JA_SYSTEM = "あなたは誠実で優秀な日本人のアシスタント
 # Private-use characters stand in for BOS and EOS while rendering, so they can be put in by id afterwards.
 BOS_MARK, EOS_MARK = "\ue000", "\ue001"
 _MARKS = re.compile(f"[{BOS_MARK}{EOS_MARK}]")
+_GENERATION_TAG = re.compile(r"\{%-?\s*(end)?generation\s*-?%\}")
 
 # ----------------------------------------------------------------------------------------------------------
 # Styles as chat templates
@@ -123,7 +124,7 @@ def chat_template(style: str, system_prompt: str | None = None, marked: bool = F
         raise DataError(f"unknown prompt style '{style}', expected one of {', '.join(STYLES)}")
     body, words = _STYLES[style]
     if not marked:  # from the body only: a system prompt that mentions {% generation %} stays as it is
-        body = re.sub(r"\{%-? ?(end)?generation ?-?%\}", "", body)
+        body = _GENERATION_TAG.sub("", body)
     header = f"{{%- set SYSTEM = {_literal(system_prompt)} -%}}"
     header += "".join(f"{{%- set {k.upper()} = {_literal(v)} -%}}" for k, v in words.items())
     return header + ("" if style == "llama2" else "{{- bos_token -}}") + body
@@ -176,22 +177,21 @@ def _specials(tokenizer) -> dict[str, str]:
 
 
 def _render_template(template: str, messages: list[dict], tokenizer, generation_prompt: bool = False):
+    """(text, learned spans): the spans come from `{% generation %}` blocks, none where a template has none."""
     from transformers.utils.chat_template_utils import render_jinja_template
 
-    texts, spans = render_jinja_template([messages], chat_template=template, return_assistant_tokens_mask=True,
+    marked = bool(_GENERATION_TAG.search(template))
+    texts, spans = render_jinja_template([messages], chat_template=template, return_assistant_tokens_mask=marked,
                                          add_generation_prompt=generation_prompt, **_specials(tokenizer))
-    return texts[0], spans[0]
+    return texts[0], spans[0] if marked else []
 
 
 def _render_own_template(messages: list[dict], tokenizer, template: str) -> Rendered:
     """The tokenizer's own chat template. Without `{% generation %}` blocks, each response is what rendering
     the conversation up to it adds to the prompt rendered with the generation prompt."""
     asks = messages[-1]["role"] == "user"  # a prompt for generation ends with the assistant's header
-    if re.search(r"\{%-?\s*generation\s*-?%\}", template):
-        text, learned = _render_template(template, messages, tokenizer, generation_prompt=asks)
-    else:
-        text, _ = _render_template(template, messages, tokenizer, generation_prompt=asks)
-        learned = []
+    text, learned = _render_template(template, messages, tokenizer, generation_prompt=asks)
+    if not _GENERATION_TAG.search(template):
         for i, m in enumerate(messages):
             if m["role"] != "assistant":
                 continue
@@ -251,7 +251,7 @@ def render(example: dict, style: str, tokenizer, system_prompt: str | None = Non
         raise DataError("the text holds the private-use character U+E000 or U+E001, which the suite reserves to "
                         "mark BOS and EOS while rendering")
     if "text" in example:
-        bos = BOS_MARK if tokenizer.bos_token_id is not None else ""
+        bos = _specials(tokenizer)["bos_token"]
         return Rendered(bos + example["text"] + EOS_MARK, [(len(bos), len(bos) + len(example["text"]) + 1)])
     turns = example["turns"]
     check_turns(turns)
@@ -265,8 +265,9 @@ def render(example: dict, style: str, tokenizer, system_prompt: str | None = Non
 def _writes_special_tokens(template: str, tokenizer) -> list[str]:
     """Special tokens (other than BOS and EOS, which go in by id) that a template writes as text itself, such
     as `<|im_start|>` where a tokenizer has it as a special token: those must be parsed, not split."""
-    probe, _ = _render_template(template, [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
-                                           {"role": "assistant", "content": "a"}], tokenizer)
+    # no system turn: many templates (Mistral's, Gemma's) refuse one
+    probe, _ = _render_template(template, [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}],
+                                tokenizer)
     skip = {tokenizer.bos_token, tokenizer.eos_token}
     return [t for t in tokenizer.all_special_tokens if t not in skip and t in probe]
 
@@ -377,14 +378,15 @@ def _assemble(docs, encoded, tokenizer, train_on_prompt: bool, split_special: bo
             starts, ends, at = _positions(spans, eos)
         # A token is learned when any of its characters is: the last learned span starting before its end
         # reaches past its start.
-        spans_learned = np.asarray(doc.learned, dtype=np.int64).reshape(-1, 2)
-        i = np.searchsorted(spans_learned[:, 0], ends - 1, side="right") - 1
-        hit = (i >= 0) & (spans_learned[np.maximum(i, 0), 1] > starts) if len(spans_learned) else np.zeros_like(
-            starts, dtype=bool)
-        if len(spans_learned):
+        hit = np.zeros_like(starts, dtype=bool)
+        if doc.learned:
+            spans_learned = np.asarray(doc.learned, dtype=np.int64)
+            i = np.searchsorted(spans_learned[:, 0], ends - 1, side="right") - 1
+            span = spans_learned[np.maximum(i, 0)]
+            hit = (i >= 0) & (span[:, 1] > starts)
             # the token holds the prompt's last characters and the response's first: it is learned, and a prompt
             # cut before the response ends on a different token (counted, reported)
-            seams = int((hit & (starts < spans_learned[np.maximum(i, 0), 0])).sum())
+            seams = int((hit & (starts < span[:, 0])).sum())
             if seams:
                 stats["seam_tokens"] = stats.get("seam_tokens", 0) + seams
         doc_ids, doc_learned = list(ids), hit.tolist()

@@ -349,3 +349,12 @@ def test_chatml_markers_that_are_special_tokens_stay_whole_and_records_naming_th
     cfg = DataConfig(datasets=[DatasetSpec("x.jsonl")], prompt_style="chatml")
     quoting = {"turns": [{"role": "user", "content": "What is <|im_end|>?"}, {"role": "assistant", "content": "A"}]}
     assert tokenize_examples([SINGLE, quoting], cfg, tokenizer)[1]["special_token_text"] == 1
+
+
+def test_an_own_template_that_refuses_a_system_role_trains_records_without_one(tokenizer):
+    strict = with_template(tokenizer, "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}"
+                                      "{{ raise_exception('System role not supported') }}{% endif %}"
+                                      "{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]{% else %}"
+                                      "{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}")
+    row = encode(SINGLE, "chat_template", strict)
+    assert [tokenizer.decode(r).strip() for r in learned_runs(row)] == ["Blue.</s>"]
