@@ -71,28 +71,56 @@ def baseline(argv: list[str], steps: int, skip: int, result: Path) -> None:
     gpu_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     bf16 = t.precision == "bf16" or (t.precision == "auto" and gpu_bf16)
     args = TrainingArguments(
-        output_dir=str(result.parent / "hf"), per_device_train_batch_size=t.micro_batch_size,
-        gradient_accumulation_steps=accum, max_steps=steps, learning_rate=t.learning_rate,
-        lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr_rate": t.min_lr_ratio},
-        warmup_steps=min(t.warmup_steps, steps - 1), weight_decay=t.weight_decay, adam_beta1=t.betas[0],
-        adam_beta2=t.betas[1], max_grad_norm=t.max_grad_norm, optim="adamw_torch_fused", bf16=bf16,
-        use_cpu=not torch.cuda.is_available(), train_sampling_strategy="sequential", logging_steps=1,
-        save_strategy="no", report_to=[], disable_tqdm=True, dataloader_num_workers=0, seed=t.seed,
-        gradient_checkpointing=t.gradient_checkpointing, torch_compile=t.compile,
+        output_dir=str(result.parent / "hf"),
+        per_device_train_batch_size=t.micro_batch_size,
+        gradient_accumulation_steps=accum,
+        max_steps=steps,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type="cosine_with_min_lr",
+        lr_scheduler_kwargs={"min_lr_rate": t.min_lr_ratio},
+        warmup_steps=min(t.warmup_steps, steps - 1),
+        weight_decay=t.weight_decay,
+        adam_beta1=t.betas[0],
+        adam_beta2=t.betas[1],
+        max_grad_norm=t.max_grad_norm,
+        optim="adamw_torch_fused",
+        bf16=bf16,
+        use_cpu=not torch.cuda.is_available(),
+        train_sampling_strategy="sequential",
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        seed=t.seed,
+        gradient_checkpointing=t.gradient_checkpointing,
+        torch_compile=t.compile,
     )
     trainer = Trainer(model=model, args=args, train_dataset=Blocks(), data_collator=collate, callbacks=[Clock()])
     trainer.train()
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
     tokens_per_s = rate(ends, step_tokens, skip)
-    result.write_text(json.dumps({"tokens_per_s": tokens_per_s,
-                                  "mfu": mfu(tokens_per_s, train_flops_per_token(model, cfg.data.seq_len)),
-                                  "peak_mem_gb": peak_memory_gb(), "step_tokens": step_tokens,
-                                  "first_loss": losses[0], "last_loss": losses[-1]}))
+    result.write_text(
+        json.dumps(
+            {
+                "tokens_per_s": tokens_per_s,
+                "mfu": mfu(tokens_per_s, train_flops_per_token(model, cfg.data.seq_len)),
+                "peak_mem_gb": peak_memory_gb(),
+                "step_tokens": step_tokens,
+                "first_loss": losses[0],
+                "last_loss": losses[-1],
+            }
+        )
+    )
 
 
 def ours(argv: list[str], skip: int, out: Path) -> dict:
-    proc = subprocess.run([sys.executable, str(REPO / "finetune" / "pretrain.py"), *argv,
-                           f"training.output_dir={out}"], cwd=REPO, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "finetune" / "pretrain.py"), *argv, f"training.output_dir={out}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     if proc.returncode != 0:
         sys.exit(f"finetune/pretrain.py failed:\n{proc.stderr[-3000:]}")
     rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
@@ -102,10 +130,14 @@ def ours(argv: list[str], skip: int, out: Path) -> dict:
     step_tokens = rows[0]["tokens"]
     tokens_per_s = rate([r["time"] for r in rows], step_tokens, skip)
     last = rows[-1]  # MFU is proportional to tokens/s: scale the logged step's to the timed window's rate
-    return {"tokens_per_s": tokens_per_s, "step_tokens": step_tokens,
-            "mfu": last["mfu"] * tokens_per_s / last["tokens_per_s"] if "mfu" in last else None,
-            "peak_mem_gb": last["peak_mem_gb"],
-            "first_loss": rows[0]["loss"], "last_loss": rows[-1]["loss"]}
+    return {
+        "tokens_per_s": tokens_per_s,
+        "step_tokens": step_tokens,
+        "mfu": last["mfu"] * tokens_per_s / last["tokens_per_s"] if "mfu" in last else None,
+        "peak_mem_gb": last["peak_mem_gb"],
+        "first_loss": rows[0]["loss"],
+        "last_loss": rows[-1]["loss"],
+    }
 
 
 def main() -> None:
@@ -124,9 +156,20 @@ def main() -> None:
         return
 
     def trainer(tmp: Path) -> dict:
-        proc = subprocess.run([sys.executable, __file__, *overrides, f"--steps={args.steps}", f"--skip={args.skip}",
-                               f"--baseline-into={tmp / 'hf.json'}"], cwd=REPO, capture_output=True, text=True,
-                              env=dict(os.environ, HF_HUB_OFFLINE=os.environ.get("HF_HUB_OFFLINE", "1")))
+        proc = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                *overrides,
+                f"--steps={args.steps}",
+                f"--skip={args.skip}",
+                f"--baseline-into={tmp / 'hf.json'}",
+            ],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            env=dict(os.environ, HF_HUB_OFFLINE=os.environ.get("HF_HUB_OFFLINE", "1")),
+        )
         if proc.returncode != 0:
             sys.exit(f"the Trainer baseline failed:\n{proc.stderr[-3000:]}")
         return json.loads((tmp / "hf.json").read_text())
@@ -139,19 +182,23 @@ def main() -> None:
         # On a shared 2-core machine one run's speed drifts by ~10%: alternate the sides (A B B A ...) and
         # compare medians.
         for rep in range(args.repeats):
-            for side in (("ours", "hf") if rep % 2 == 0 else ("hf", "ours")):
+            for side in ("ours", "hf") if rep % 2 == 0 else ("hf", "ours"):
                 out = tmp / f"{side}{rep}"
                 runs[side].append(ours(argv, args.skip, out) if side == "ours" else trainer(out.mkdir() or out))
                 print(f"  run {rep + 1} {side:>5}: {runs[side][-1]['tokens_per_s']:,.0f} tokens/s", file=sys.stderr)
 
     mine, hf = (sorted(runs[k], key=lambda r: r["tokens_per_s"])[len(runs[k]) // 2] for k in ("ours", "hf"))
-    print(f"{' '.join(overrides)}: {args.steps} steps of {mine['step_tokens']:,} tokens, timed after {args.skip}, "
-          f"median of {args.repeats} runs each")
+    print(
+        f"{' '.join(overrides)}: {args.steps} steps of {mine['step_tokens']:,} tokens, timed after {args.skip}, "
+        f"median of {args.repeats} runs each"
+    )
     print(f"{'loop':<22}{'tokens/s':>10}{'MFU':>8}{'peak GB':>9}{'loss first -> last':>22}")
     for name, r in (("finetune/pretrain.py", mine), ("transformers Trainer", hf)):
         used = f"{r['mfu']:.1%}" if r["mfu"] else "-"
-        print(f"{name:<22}{r['tokens_per_s']:>10,.0f}{used:>8}{r['peak_mem_gb']:>9.2f}"
-              f"{r['first_loss']:>12.4f} -> {r['last_loss']:.4f}")
+        print(
+            f"{name:<22}{r['tokens_per_s']:>10,.0f}{used:>8}{r['peak_mem_gb']:>9.2f}"
+            f"{r['first_loss']:>12.4f} -> {r['last_loss']:.4f}"
+        )
     print(f"ratio (ours / Trainer): {mine['tokens_per_s'] / hf['tokens_per_s']:.2f}x tokens/s")
 
 

@@ -21,8 +21,11 @@ def _hook(previous):
         if (
             issubclass(kind, subprocess.CalledProcessError)
             and value.returncode == EXIT_USER_ERROR
-            and any(str(part).replace("\\", "/").endswith(tuple("finetune/" + s for s in ENTRY_SCRIPTS))
-                    or str(part).startswith("finetune.") for part in cmd)
+            and any(
+                str(part).replace("\\", "/").endswith(tuple("finetune/" + s for s in ENTRY_SCRIPTS))
+                or str(part).startswith("finetune.")
+                for part in cmd
+            )
         ):
             import os
 

@@ -38,8 +38,10 @@ log = logging.getLogger(__name__)
 
 TEXT_SUFFIXES = {".txt", ".md", ".text"}
 RECORD_SUFFIXES = {".jsonl", ".json", ".parquet"}
-MAN_HINT = ("manual pages are read from the system, where Debian's packages put them: "
-            "apt-get install manpages manpages-ja groff-base")
+MAN_HINT = (
+    "manual pages are read from the system, where Debian's packages put them: "
+    "apt-get install manpages manpages-ja groff-base"
+)
 CHUNK = 256  # documents rendered / tokenised per batch
 VERSION = 1  # part of every cache key: bump it when what a cache holds changes
 
@@ -51,8 +53,13 @@ VERSION = 1  # part of every cache key: bump it when what a cache holds changes
 
 def is_hub_id(path: str) -> bool:
     known = TEXT_SUFFIXES | RECORD_SUFFIXES | {".gz"}
-    return (not Path(path).expanduser().exists() and not glob.has_magic(path) and not path.startswith((".", "/", "~"))
-            and Path(path).suffix.lower() not in known and re.fullmatch(r"[\w.-]+/[\w.-]+", path) is not None)
+    return (
+        not Path(path).expanduser().exists()
+        and not glob.has_magic(path)
+        and not path.startswith((".", "/", "~"))
+        and Path(path).suffix.lower() not in known
+        and re.fullmatch(r"[\w.-]+/[\w.-]+", path) is not None
+    )
 
 
 def local_files(spec: CorpusSpec) -> list[Path]:
@@ -93,8 +100,10 @@ def file_format(spec: CorpusSpec, file: Path) -> str:
         return "records"
     if re.fullmatch(r"\.[1-9]\w*", suffix):  # ls.1.gz, printf.3p.gz
         return "man"
-    raise DataError(f"corpus '{spec.name}': don't know how to read {file}: expected .txt/.md (one document), "
-                    ".jsonl/.json/.parquet (records) or a manual page (NAME.1-9[.gz]); or set its `format`")
+    raise DataError(
+        f"corpus '{spec.name}': don't know how to read {file}: expected .txt/.md (one document), "
+        ".jsonl/.json/.parquet (records) or a manual page (NAME.1-9[.gz]); or set its `format`"
+    )
 
 
 def render_man(file: Path) -> str | None:
@@ -106,17 +115,22 @@ def render_man(file: Path) -> str | None:
     if raw.lstrip().startswith(b".so "):
         return None
     try:  # -k: detect the input encoding (Japanese pages); wide lines, no hyphenation, ragged right
-        out = subprocess.run(["groff", "-k", "-Tutf8", "-man", "-P-cbou", "-rLL=150n", "-rHY=0", "-dAD=l"],
-                             input=raw, capture_output=True, timeout=60).stdout.decode("utf-8", "replace")
+        out = subprocess.run(
+            ["groff", "-k", "-Tutf8", "-man", "-P-cbou", "-rLL=150n", "-rHY=0", "-dAD=l"],
+            input=raw,
+            capture_output=True,
+            timeout=60,
+        ).stdout.decode("utf-8", "replace")
     except FileNotFoundError:
         raise DataError(f"groff is not installed, so manual page {file} can't be read; {MAN_HINT}") from None
     lines = out.splitlines()
     body = [i for i, line in enumerate(lines) if line.strip()]
     if len(body) < 3:
         return ""
-    lines = lines[body[0] + 1: body[-1]]  # drop the running header and footer (NAME(1) ... NAME(1))
-    text = "\n".join(re.sub(r"(?<=\S) {2,}", " ", line[7:] if line.startswith(" " * 7) else line.lstrip())
-                     for line in lines)
+    lines = lines[body[0] + 1 : body[-1]]  # drop the running header and footer (NAME(1) ... NAME(1))
+    text = "\n".join(
+        re.sub(r"(?<=\S) {2,}", " ", line[7:] if line.startswith(" " * 7) else line.lstrip()) for line in lines
+    )
     return re.sub(r"\n{3,}", "\n\n", text).strip()
 
 
@@ -124,8 +138,10 @@ def _records(spec: CorpusSpec, file: Path, name: str) -> Iterator[tuple[str, str
     def text_of(record, index):
         value = record.get(spec.text_field) if isinstance(record, dict) else None
         if not isinstance(value, str):
-            raise DataError(f"corpus '{spec.name}', {file} record {index}: expected a string field "
-                            f"'{spec.text_field}' (set text_field), got {type(value).__name__}")
+            raise DataError(
+                f"corpus '{spec.name}', {file} record {index}: expected a string field "
+                f"'{spec.text_field}' (set text_field), got {type(value).__name__}"
+            )
         return value
 
     suffix = file.suffix.lower()
@@ -135,8 +151,10 @@ def _records(spec: CorpusSpec, file: Path, name: str) -> Iterator[tuple[str, str
 
             table = pq.read_table(file)
             if spec.text_field not in table.column_names:
-                raise DataError(f"corpus '{spec.name}', {file}: no column '{spec.text_field}' (set text_field); "
-                                f"columns: {', '.join(table.column_names)}")
+                raise DataError(
+                    f"corpus '{spec.name}', {file}: no column '{spec.text_field}' (set text_field); "
+                    f"columns: {', '.join(table.column_names)}"
+                )
             for i, value in enumerate(table.column(spec.text_field).to_pylist()):
                 yield f"{name}:{i}", text_of({spec.text_field: value}, i)
         elif suffix == ".json":
@@ -164,13 +182,16 @@ def _hub_documents(spec: CorpusSpec) -> Iterator[tuple[str, str]]:
     from finetune.hub import hub_message
 
     try:
-        stream = datasets.load_dataset(spec.path, spec.hub_name, split=spec.split, revision=spec.revision,
-                                       streaming=True)
+        stream = datasets.load_dataset(
+            spec.path, spec.hub_name, split=spec.split, revision=spec.revision, streaming=True
+        )
         for i, record in enumerate(stream):
             value = record.get(spec.text_field)
             if not isinstance(value, str):
-                raise DataError(f"corpus '{spec.name}' ({spec.path}) record {i}: expected a string field "
-                                f"'{spec.text_field}' (set text_field); fields: {', '.join(record)}")
+                raise DataError(
+                    f"corpus '{spec.name}' ({spec.path}) record {i}: expected a string field "
+                    f"'{spec.text_field}' (set text_field); fields: {', '.join(record)}"
+                )
             yield str(i), value
     except (DataError, HubUnreachableError):
         raise
@@ -193,7 +214,7 @@ def documents(spec: CorpusSpec, seed: int, stats: dict) -> Iterator[tuple[str, s
     root = root_of(spec)
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         for start in range(0, len(files), CHUNK):
-            batch = list(zip(files[start:start + CHUNK], formats[start:start + CHUNK], strict=True))
+            batch = list(zip(files[start : start + CHUNK], formats[start : start + CHUNK], strict=True))
             man = [f for f, fmt in batch if fmt == "man"]
             rendered = dict(zip(man, pool.map(render_man, man), strict=True))
             for file, fmt in batch:
@@ -249,8 +270,10 @@ def _split_documents(spec: CorpusSpec, cfg: CorpusConfig, tmp: Path, stats: dict
     """Write the corpus's documents into tmp/train.jsonl and tmp/val.jsonl, counting them in `stats`."""
     held_back = None  # the first training document, kept aside in case no other lands in the val split
     count = 0
-    with (tmp / "train.jsonl").open("w", encoding="utf-8") as train, \
-            (tmp / "val.jsonl").open("w", encoding="utf-8") as val:
+    with (
+        (tmp / "train.jsonl").open("w", encoding="utf-8") as train,
+        (tmp / "val.jsonl").open("w", encoding="utf-8") as val,
+    ):
         for name, text in documents(spec, cfg.seed, stats):
             if cfg.nfkc:
                 text = unicodedata.normalize("NFKC", text)
@@ -282,13 +305,25 @@ def extract_text(spec: CorpusSpec, cfg: CorpusConfig) -> Path:
     stats = json.loads((out / "meta.json").read_text())
     documents = stats["train_documents"] + stats["val_documents"]
     skipped = ", ".join(f"{stats[k]} {k.replace('_', ' ')}" for k in ("empty_documents", "alias_pages") if stats[k])
-    log.info("corpus %s: %d documents (%d training, %d validation) from %s%s%s", spec.name, documents,
-             stats["train_documents"], stats["val_documents"], spec.path, f" (skipped: {skipped})" if skipped else "",
-             " [cached]" if cached else "")
+    log.info(
+        "corpus %s: %d documents (%d training, %d validation) from %s%s%s",
+        spec.name,
+        documents,
+        stats["train_documents"],
+        stats["val_documents"],
+        spec.path,
+        f" (skipped: {skipped})" if skipped else "",
+        " [cached]" if cached else "",
+    )
     if spec.expect_documents and documents < spec.expect_documents:
-        log.warning("corpus %s has %d documents, far fewer than the %d expected (expect_documents): is the package "
-                    "that provides %s installed? (for manual pages: apt-get install manpages manpages-ja)",
-                    spec.name, documents, spec.expect_documents, spec.path)
+        log.warning(
+            "corpus %s has %d documents, far fewer than the %d expected (expect_documents): is the package "
+            "that provides %s installed? (for manual pages: apt-get install manpages manpages-ja)",
+            spec.name,
+            documents,
+            spec.expect_documents,
+            spec.path,
+        )
     return out
 
 
@@ -304,9 +339,11 @@ def _build_text(spec: CorpusSpec, cfg: CorpusConfig, out: Path) -> Path:
     if stats["train_documents"] == 0:
         shutil.rmtree(tmp)
         found = stats["val_documents"] + stats["empty_documents"]
-        raise DataError(f"corpus '{spec.name}' ({spec.path}) has {found} non-alias document(s), "
-                        f"{stats['empty_documents']} of them empty: it needs at least two non-empty documents "
-                        "(one is held out for validation)")
+        raise DataError(
+            f"corpus '{spec.name}' ({spec.path}) has {found} non-alias document(s), "
+            f"{stats['empty_documents']} of them empty: it needs at least two non-empty documents "
+            "(one is held out for validation)"
+        )
     (tmp / "meta.json").write_text(json.dumps({"corpus": spec.name, "path": spec.path, **stats}, indent=2))
     return _publish(tmp, out)
 
@@ -338,8 +375,11 @@ def train_tokenizer(text_dirs: dict[str, Path], weights: dict[str, float], cfg: 
                 if budget <= 0:
                     break
 
-    log.info("training a byte-level BPE tokenizer (vocabulary %d) on %s characters", cfg.vocab_size,
-             f"{sum(budgets.values()):,}")
+    log.info(
+        "training a byte-level BPE tokenizer (vocabulary %d) on %s characters",
+        cfg.vocab_size,
+        f"{sum(budgets.values()):,}",
+    )
     tokenizer = train_bpe(sample(), cfg.vocab_size)
     tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
     tokenizer.save_pretrained(tmp)
@@ -377,8 +417,13 @@ def tokenize(text_dir: Path, tokenizer, cfg: CorpusConfig) -> Path:
         meta[f"{split}_tokens"] = tokens
         meta[f"{split}_chars_per_token"] = round(chars / max(tokens, 1), 3)
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-    log.info("corpus %s: %s training and %s validation tokens, %.2f characters per token", name,
-             f"{meta['train_tokens']:,}", f"{meta['val_tokens']:,}", meta["val_chars_per_token"])
+    log.info(
+        "corpus %s: %s training and %s validation tokens, %.2f characters per token",
+        name,
+        f"{meta['train_tokens']:,}",
+        f"{meta['val_tokens']:,}",
+        meta["val_chars_per_token"],
+    )
     return _publish(tmp, out)
 
 
@@ -403,7 +448,7 @@ class Blocks:
     def __getitem__(self, i: int) -> np.ndarray:
         if not 0 <= i < self.n:
             raise IndexError(i)
-        return np.asarray(self.tokens[i * self.seq_len: (i + 1) * self.seq_len + 1], dtype=np.int64)
+        return np.asarray(self.tokens[i * self.seq_len : (i + 1) * self.seq_len + 1], dtype=np.int64)
 
 
 class Mixture:
@@ -456,17 +501,27 @@ class Corpora:
                 blocks.append(Blocks(d / f"{split}.bin", cfg.seq_len, meta["dtype"]))
                 if len(blocks[-1]) == 0:
                     more = " or raise data.val_fraction" if split == "val" else ""
-                    raise DataError(f"corpus '{name}': its {split} split has {meta[f'{split}_tokens']:,} tokens, fewer "
-                                    f"than one block of data.seq_len+1 = {cfg.seq_len + 1}: add documents{more} "
-                                    "or lower data.seq_len")
+                    raise DataError(
+                        f"corpus '{name}': its {split} split has {meta[f'{split}_tokens']:,} tokens, fewer "
+                        f"than one block of data.seq_len+1 = {cfg.seq_len + 1}: add documents{more} "
+                        "or lower data.seq_len"
+                    )
 
     def mixture(self, seed: int) -> Mixture:
         return Mixture([len(b) for b in self.train], self.weights, seed)
 
     def summary(self) -> list[dict]:
-        return [{"name": n, "path": c.path, "weight": c.weight, "train_tokens": m["train_tokens"],
-                 "val_tokens": m["val_tokens"], "chars_per_token": m["val_chars_per_token"]}
-                for n, c, m in zip(self.names, self.cfg.corpora, self.meta, strict=True)]
+        return [
+            {
+                "name": n,
+                "path": c.path,
+                "weight": c.weight,
+                "train_tokens": m["train_tokens"],
+                "val_tokens": m["val_tokens"],
+                "chars_per_token": m["val_chars_per_token"],
+            }
+            for n, c, m in zip(self.names, self.cfg.corpora, self.meta, strict=True)
+        ]
 
 
 def prepare(cfg: CorpusConfig, tok_cfg: TokenizerConfig, tokenizer_source: str | None) -> Corpora:

@@ -69,8 +69,9 @@ def load_raw(spec: DatasetSpec):
             raise DataError(f"{describe(spec)}: file not found ({path.resolve()})")
         builder = LOCAL_BUILDERS.get(path.suffix.lower())
         if builder is None:
-            raise DataError(f"{describe(spec)}: unsupported file type '{path.suffix}', expected one of "
-                            + ", ".join(LOCAL_BUILDERS))
+            raise DataError(
+                f"{describe(spec)}: unsupported file type '{path.suffix}', expected one of " + ", ".join(LOCAL_BUILDERS)
+            )
         kwargs: dict[str, Any] = {"sample_by": "paragraph"} if builder == "text" else {}
         try:
             return datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
@@ -124,17 +125,23 @@ def _check_refused(record: dict, spec: DatasetSpec, index: int, ignored: dict[st
         raise DataError(
             f"{where} has 'chosen' and 'rejected': {REFUSED_FIELDS['chosen']}, which SFT can't learn as one "
             "answer. DPO training (finetune/dpo.py) is not in this version yet; to fine-tune on the preferred "
-            f"answers, map them: columns: {{{response}: chosen}}, ignore_fields: [rejected]")
+            f"answers, map them: columns: {{{response}: chosen}}, ignore_fields: [rejected]"
+        )
     field = found[0]
     if field in ("label", "kto_tag"):
-        raise DataError(f"{where} has '{field}' ({record[field]!r}): {REFUSED_FIELDS[field]}. Keep only the good "
-                        f"answers in the file, or add ignore_fields: [{field}] to learn every answer")
-    raise DataError(f"{where} has '{field}': {REFUSED_FIELDS[field].format(field=field)}. To train on the text "
-                    f"alone, add ignore_fields: [{field}] to this dataset (each record it is dropped from is counted)")
+        raise DataError(
+            f"{where} has '{field}' ({record[field]!r}): {REFUSED_FIELDS[field]}. Keep only the good "
+            f"answers in the file, or add ignore_fields: [{field}] to learn every answer"
+        )
+    raise DataError(
+        f"{where} has '{field}': {REFUSED_FIELDS[field].format(field=field)}. To train on the text "
+        f"alone, add ignore_fields: [{field}] to this dataset (each record it is dropped from is counted)"
+    )
 
 
-def _turns(items: Any, spec: DatasetSpec, index: int, role_key: str, text_key: str, roles: dict,
-           ignored: dict[str, int]) -> list[dict]:
+def _turns(
+    items: Any, spec: DatasetSpec, index: int, role_key: str, text_key: str, roles: dict, ignored: dict[str, int]
+) -> list[dict]:
     where = f"{describe(spec)}: record {index}"
     if not isinstance(items, list) or not items:
         raise DataError(f"{where}: expected a non-empty list of turns, got {type(items).__name__}")
@@ -143,22 +150,29 @@ def _turns(items: Any, spec: DatasetSpec, index: int, role_key: str, text_key: s
         if not isinstance(turn, dict) or role_key not in turn or text_key not in turn:
             raise DataError(f"{where}, turn {t}: expected keys '{role_key}' and '{text_key}', got {turn!r}"[:400])
         if turn[role_key] in TOOL_ROLES or turn.get("tool_calls"):
-            raise DataError(f"{where}, turn {t}: a tool call or tool result ({role_key} {turn[role_key]!r}): "
-                            f"{_TOOLS}; remove such conversations from the file")
+            raise DataError(
+                f"{where}, turn {t}: a tool call or tool result ({role_key} {turn[role_key]!r}): "
+                f"{_TOOLS}; remove such conversations from the file"
+            )
         role = roles.get(turn[role_key])
         if role is None:
-            raise DataError(f"{where}, turn {t}: unknown {role_key} {turn[role_key]!r}, expected one of "
-                            + ", ".join(roles))
+            raise DataError(
+                f"{where}, turn {t}: unknown {role_key} {turn[role_key]!r}, expected one of " + ", ".join(roles)
+            )
         if isinstance(turn[text_key], list):
-            raise DataError(f"{where}, turn {t}: '{text_key}' is a list of content parts (text, images, ...); "
-                            "the suite trains on plain text: give each turn's text as a string")
+            raise DataError(
+                f"{where}, turn {t}: '{text_key}' is a list of content parts (text, images, ...); "
+                "the suite trains on plain text: give each turn's text as a string"
+            )
         if not isinstance(turn[text_key], str):
             raise DataError(f"{where}, turn {t}: '{text_key}' must be a string")
         if role == "assistant" and turn.get("weight") in (0, False):  # OpenAI's format: do not learn this turn
             if "weight" not in spec.ignore_fields:
-                raise DataError(f"{where}, turn {t} has weight 0 (OpenAI's format: do not learn this turn); the "
-                                "suite learns every assistant turn: remove the turn, or add ignore_fields: [weight] "
-                                "to learn it anyway")
+                raise DataError(
+                    f"{where}, turn {t} has weight 0 (OpenAI's format: do not learn this turn); the "
+                    "suite learns every assistant turn: remove the turn, or add ignore_fields: [weight] "
+                    "to learn it anyway"
+                )
             ignored["weight"] = ignored.get("weight", 0) + 1
         turns.append({"role": role, "content": turn[text_key]})
     return turns
@@ -169,8 +183,10 @@ def _history(value: Any, spec: DatasetSpec, index: int) -> list[dict]:
     turns = []
     for h, pair in enumerate(value or []):
         if not (isinstance(pair, list | tuple) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
-            raise DataError(f"{describe(spec)}: record {index}, history item {h}: expected [instruction, response] "
-                            f"(two strings), got {pair!r}"[:400])
+            raise DataError(
+                f"{describe(spec)}: record {index}, history item {h}: expected [instruction, response] "
+                f"(two strings), got {pair!r}"[:400]
+            )
         turns += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
     return turns
 
@@ -200,8 +216,11 @@ def to_example(record: dict, spec: DatasetSpec, index: int, ignored: dict[str, i
         turns += [user, {"role": "assistant", "content": str(_field(record, response_key, spec, index, True))}]
     elif fmt in ("conversations", "messages"):
         items = _field(record, fmt, spec, index, True)
-        listed = (_turns(items, spec, index, "from", "value", SHAREGPT_ROLES, ignored) if fmt == "conversations"
-                  else _turns(items, spec, index, "role", "content", {r: r for r in ROLES}, ignored))
+        listed = (
+            _turns(items, spec, index, "from", "value", SHAREGPT_ROLES, ignored)
+            if fmt == "conversations"
+            else _turns(items, spec, index, "role", "content", {r: r for r in ROLES}, ignored)
+        )
         try:
             # The record's own list, before a `system` field goes in front, so turn numbers are the record's own
             # (alpaca and dolly records are in order by construction).
@@ -209,8 +228,7 @@ def to_example(record: dict, spec: DatasetSpec, index: int, ignored: dict[str, i
         except DataError as e:
             raise DataError(f"{describe(spec)}: record {index}: {e}") from None
         if turns and listed[0]["role"] == "system":
-            raise DataError(f"{describe(spec)}: record {index} has both a 'system' field and a system turn; "
-                            "keep one")
+            raise DataError(f"{describe(spec)}: record {index} has both a 'system' field and a system turn; keep one")
         turns += listed
     else:
         raise DataError(f"{describe(spec)}: unknown format '{fmt}'")
@@ -276,8 +294,13 @@ def load_examples(cfg: DataConfig) -> tuple[list[dict], list[dict]]:
         evaluation += [e for i, e in enumerate(examples) if (d, i) in held]
         kept = [e for i, e in enumerate(examples) if (d, i) not in held]
         weighted = _weighted(kept, spec.weight, rng)
-        log.info("%s: %d records used, %d training examples after weight %g",
-                 describe(spec), len(examples), len(weighted), spec.weight)
+        log.info(
+            "%s: %d records used, %d training examples after weight %g",
+            describe(spec),
+            len(examples),
+            len(weighted),
+            spec.weight,
+        )
         train += weighted
     rng.shuffle(train)
     return train, evaluation
@@ -297,8 +320,10 @@ def preview(cfg: DataConfig, tokenizer) -> str:
         row = encode(example, cfg.prompt_style, tokenizer, cfg.system_prompt, cfg.train_on_prompt)
         n, learned = len(row["input_ids"]), sum(label != IGNORE for label in row["labels"])
         cut = f"; cut to data.max_length={cfg.max_length} in training" if n > cfg.max_length else ""
-        out.append(f"=== {describe(spec)}, record 0 (format {spec.format}, prompt style {cfg.prompt_style}): "
-                   f"{n} tokens, {learned} learned{cut}\n"
-                   f"--- text\n{tokenizer.decode(row['input_ids'])}\n"
-                   f"--- token pieces, learned ones inside [[ ]]\n{show(row, tokenizer)}\n")
+        out.append(
+            f"=== {describe(spec)}, record 0 (format {spec.format}, prompt style {cfg.prompt_style}): "
+            f"{n} tokens, {learned} learned{cut}\n"
+            f"--- text\n{tokenizer.decode(row['input_ids'])}\n"
+            f"--- token pieces, learned ones inside [[ ]]\n{show(row, tokenizer)}\n"
+        )
     return "\n".join(out)

@@ -30,14 +30,14 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
         with torch.autocast(device, enabled=False):
             w = weight.to(dtype)
             for start in range(0, n, chunk):
-                h, y = hidden[start:start + chunk].to(dtype), targets[start:start + chunk]
+                h, y = hidden[start : start + chunk].to(dtype), targets[start : start + chunk]
                 logits = (h @ w.T).float()
                 lse = torch.logsumexp(logits, dim=-1)
                 total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
                 grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place
                 grad[torch.arange(len(y), device=y.device), y] -= 1
                 grad = grad.div_(n).to(dtype)
-                grad_hidden[start:start + chunk] = (grad @ w).to(grad_hidden.dtype)
+                grad_hidden[start : start + chunk] = (grad @ w).to(grad_hidden.dtype)
                 if grad_weight.dtype == dtype:
                     grad_weight.addmm_(grad.T, h)
                 else:
@@ -51,7 +51,8 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
         return grad_hidden * grad_output, grad_weight * grad_output, None, None
 
 
-def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                               chunk: int = CHUNK) -> torch.Tensor:
+def fused_linear_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int = CHUNK
+) -> torch.Tensor:
     """Mean cross-entropy of `hidden @ weight.T` (hidden: tokens x dim) against `targets` (tokens)."""
     return FusedLinearCrossEntropy.apply(hidden, weight, targets, chunk)

@@ -40,21 +40,40 @@ def load(run_dir: str | Path):
     return model.eval(), tokenizer, cfg
 
 
-def generate(model, tokenizer, cfg: SFTRecipe, instruction: str, max_new_tokens: int = 128,
-             do_sample: bool = False, temperature: float = 0.7) -> str:
+def generate(
+    model,
+    tokenizer,
+    cfg: SFTRecipe,
+    instruction: str,
+    max_new_tokens: int = 128,
+    do_sample: bool = False,
+    temperature: float = 0.7,
+) -> str:
     import torch
 
     from finetune.prompts import prompt_ids
 
-    ids = prompt_ids([{"role": "user", "content": instruction}], cfg.data.prompt_style, tokenizer,
-                     cfg.data.system_prompt, nfkc=cfg.data.nfkc)
+    ids = prompt_ids(
+        [{"role": "user", "content": instruction}],
+        cfg.data.prompt_style,
+        tokenizer,
+        cfg.data.system_prompt,
+        nfkc=cfg.data.nfkc,
+    )
     input_ids = torch.tensor([ids], device=model.device)
     with torch.no_grad():
-        out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                             max_new_tokens=max_new_tokens, do_sample=do_sample,
-                             temperature=temperature if do_sample else None, top_p=None, top_k=None,
-                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    return tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)
+        out = model.generate(
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            temperature=temperature if do_sample else None,
+            top_p=None,
+            top_k=None,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    return tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True)
 
 
 def cli() -> None:

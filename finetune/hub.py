@@ -46,7 +46,8 @@ def go_offline_if_unreachable(hub_ids: list[str]) -> None:
 
     if not hub_ids or constants.HF_HUB_OFFLINE or reachable():
         return
-    log.warning("the Hugging Face Hub is unreachable; using the local cache only (HF_HUB_OFFLINE=1) for %s",
-                ", ".join(hub_ids))
+    log.warning(
+        "the Hugging Face Hub is unreachable; using the local cache only (HF_HUB_OFFLINE=1) for %s", ", ".join(hub_ids)
+    )
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])

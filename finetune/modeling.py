@@ -24,6 +24,7 @@ def quiet_library_warnings() -> None:
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=".*gradient_checkpointing` is deprecated", category=FutureWarning)
 
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Attention kernels that honour position-id resets, so packed examples never attend to each other
 # (transformers builds a block-diagonal mask from them for sdpa/eager; flash-attn uses cu_seqlens).
@@ -68,8 +69,9 @@ def from_pretrained(what: str, name: str, loader, **kwargs):
         from finetune.recipe import recipe_writing
 
         if made_by := recipe_writing(name):
-            raise RecipeError(f"no {what} in '{name}' yet: it is what `accelerate launch {made_by}` writes; "
-                              "run that first") from None
+            raise RecipeError(
+                f"no {what} in '{name}' yet: it is what `accelerate launch {made_by}` writes; run that first"
+            ) from None
         raise HubUnreachableError(hub_message(f"{what} '{name}'", e)) from None
 
 
@@ -77,8 +79,9 @@ def load_tokenizer(cfg: ModelConfig):
     from transformers import AutoTokenizer
 
     name = resolve(cfg.tokenizer or cfg.name_or_path)
-    tokenizer = from_pretrained("tokenizer", name, AutoTokenizer.from_pretrained, revision=cfg.revision,
-                                trust_remote_code=cfg.trust_remote_code)
+    tokenizer = from_pretrained(
+        "tokenizer", name, AutoTokenizer.from_pretrained, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
+    )
     return with_eos_and_pad(tokenizer, name)
 
 
@@ -109,8 +112,12 @@ def quantization_config(cfg: QuantizationConfig):
 def load_model(cfg: ModelConfig, quant: QuantizationConfig | None = None):
     from transformers import AutoModelForCausalLM
 
-    kwargs = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, dtype=auto_dtype(cfg.dtype),
-                  attn_implementation=cfg.attn_implementation)
+    kwargs = dict(
+        revision=cfg.revision,
+        trust_remote_code=cfg.trust_remote_code,
+        dtype=auto_dtype(cfg.dtype),
+        attn_implementation=cfg.attn_implementation,
+    )
     qconfig = quantization_config(quant) if quant else None
     if qconfig is not None:
         from accelerate import PartialState

@@ -60,16 +60,23 @@ class RunState:
         self.step, self.tokens, self.loss, self.initial_val, self.fingerprint = 0, 0, None, {}, fingerprint
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "tokens": self.tokens, "loss": self.loss, "initial_val": self.initial_val,
-                "fingerprint": self.fingerprint}
+        return {
+            "step": self.step,
+            "tokens": self.tokens,
+            "loss": self.loss,
+            "initial_val": self.initial_val,
+            "fingerprint": self.fingerprint,
+        }
 
     def load_state_dict(self, state: dict) -> None:
-        changed = {k: (v, self.fingerprint.get(k)) for k, v in state["fingerprint"].items()
-                   if self.fingerprint.get(k) != v}
+        changed = {
+            k: (v, self.fingerprint.get(k)) for k, v in state["fingerprint"].items() if self.fingerprint.get(k) != v
+        }
         if changed:
-            raise RecipeError("resume=true: the checkpoint was written with other data or batch settings, so it "
-                              "can't continue exactly: "
-                              + "; ".join(f"{k} was {a}, now {b}" for k, (a, b) in changed.items()))
+            raise RecipeError(
+                "resume=true: the checkpoint was written with other data or batch settings, so it "
+                "can't continue exactly: " + "; ".join(f"{k} was {a}, now {b}" for k, (a, b) in changed.items())
+            )
         self.step, self.tokens, self.loss = state["step"], state["tokens"], state["loss"]
         self.initial_val = state["initial_val"]
 
@@ -94,11 +101,18 @@ def new_model(cfg: PretrainRecipe, tokenizer):
     m = cfg.model
     config = LlamaConfig(
         vocab_size=-(-len(tokenizer) // 64) * 64,  # a multiple of 64: tensor-core friendly (TinyLlama: 32000)
-        hidden_size=m.hidden_size, intermediate_size=m.intermediate_size, num_hidden_layers=m.num_layers,
-        num_attention_heads=m.num_heads, num_key_value_heads=m.num_kv_heads,
-        max_position_embeddings=cfg.data.seq_len, rope_parameters={"rope_type": "default", "rope_theta": m.rope_theta},
-        rms_norm_eps=1e-5, tie_word_embeddings=m.tie_word_embeddings, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        hidden_size=m.hidden_size,
+        intermediate_size=m.intermediate_size,
+        num_hidden_layers=m.num_layers,
+        num_attention_heads=m.num_heads,
+        num_key_value_heads=m.num_kv_heads,
+        max_position_embeddings=cfg.data.seq_len,
+        rope_parameters={"rope_type": "default", "rope_theta": m.rope_theta},
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=m.tie_word_embeddings,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
     config._attn_implementation = m.attn_implementation
     torch.manual_seed(m.init_seed)
@@ -111,11 +125,18 @@ def load_base(cfg: PretrainRecipe, tokenizer):
 
     from finetune.modeling import from_pretrained
 
-    model = from_pretrained("model", cfg.model.base, AutoModelForCausalLM.from_pretrained, dtype=torch.float32,
-                            attn_implementation=cfg.model.attn_implementation)
+    model = from_pretrained(
+        "model",
+        cfg.model.base,
+        AutoModelForCausalLM.from_pretrained,
+        dtype=torch.float32,
+        attn_implementation=cfg.model.attn_implementation,
+    )
     if len(tokenizer) > model.config.vocab_size:
-        raise RecipeError(f"tokenizer has {len(tokenizer)} tokens but {cfg.model.base} only {model.config.vocab_size} "
-                          "embeddings: continue with the base's own tokenizer (tokenizer.name_or_path=null)")
+        raise RecipeError(
+            f"tokenizer has {len(tokenizer)} tokens but {cfg.model.base} only {model.config.vocab_size} "
+            "embeddings: continue with the base's own tokenizer (tokenizer.name_or_path=null)"
+        )
     return model
 
 
@@ -154,12 +175,16 @@ def evaluate(model, corpora, cfg: PretrainRecipe, accelerator) -> dict:
         for c, (name, blocks) in enumerate(zip(corpora.names, corpora.val, strict=True)):
             n = min(len(blocks), cfg.training.eval_blocks)
             # every process runs the same number of batches (FSDP's collectives need it), wrapping round
-            mine = [i % len(blocks) for i in range(-(-n // world) * world)][accelerator.process_index::world]
+            mine = [i % len(blocks) for i in range(-(-n // world) * world)][accelerator.process_index :: world]
             total = torch.zeros(2, device=accelerator.device)
             for start in range(0, len(mine), micro):
-                pairs = [(c, i) for i in mine[start:start + micro]]
-                total += torch.stack([loss_of(model, batch_of(corpora.val, pairs, accelerator.device)) * len(pairs),
-                                      torch.tensor(float(len(pairs)), device=accelerator.device)])
+                pairs = [(c, i) for i in mine[start : start + micro]]
+                total += torch.stack(
+                    [
+                        loss_of(model, batch_of(corpora.val, pairs, accelerator.device)) * len(pairs),
+                        torch.tensor(float(len(pairs)), device=accelerator.device),
+                    ]
+                )
             total = accelerator.reduce(total, "sum")
             out[f"val_loss/{name}"] = round((total[0] / total[1]).item(), 4)
     losses = list(out.values())
@@ -219,8 +244,11 @@ def train(cfg: PretrainRecipe, recipe_file: Path | None = None) -> dict:
     if precision == "auto":
         precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
     accelerator = Accelerator(mixed_precision="no" if precision == "fp32" else precision)
-    logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.INFO if accelerator.is_main_process else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # a line per file saved, at every checkpoint
     if accelerator.num_processes == 1:
         throughput.warn_if_cpu_threads_capped(log)
@@ -229,8 +257,10 @@ def train(cfg: PretrainRecipe, recipe_file: Path | None = None) -> dict:
     found = checkpoints(ckpt_dir)
     latest = found[-1] if found else None
     if latest and not cfg.resume:
-        raise RecipeError(f"{out} already holds checkpoints (newest: {latest.name}): add resume=true to continue "
-                          "that run, or choose another training.output_dir")
+        raise RecipeError(
+            f"{out} already holds checkpoints (newest: {latest.name}): add resume=true to continue "
+            "that run, or choose another training.output_dir"
+        )
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         (out / "recipe.yaml").write_text(recipes.to_yaml(cfg), encoding="utf-8")
@@ -245,8 +275,14 @@ def train(cfg: PretrainRecipe, recipe_file: Path | None = None) -> dict:
     accum, step_tokens = batch_shape(cfg, world)
     total_steps = t.max_steps or max(1, round(t.max_tokens / step_tokens))
     for c in corpora.summary():
-        log.info("corpus %s: weight %g, %s training tokens (%.2f characters per token), %s validation tokens",
-                 c["name"], c["weight"], f"{c['train_tokens']:,}", c["chars_per_token"], f"{c['val_tokens']:,}")
+        log.info(
+            "corpus %s: weight %g, %s training tokens (%.2f characters per token), %s validation tokens",
+            c["name"],
+            c["weight"],
+            f"{c['train_tokens']:,}",
+            c["chars_per_token"],
+            f"{c['val_tokens']:,}",
+        )
 
     # --------------------------------------------------------------------------------------------- Model
     set_seed(t.seed)
@@ -256,18 +292,36 @@ def train(cfg: PretrainRecipe, recipe_file: Path | None = None) -> dict:
     if t.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     model.config.use_cache = False
-    log.info("model: %s, %s parameters, %d layers, hidden %d; %s", cfg.model.base or "new LLaMA",
-             f"{n_params:,}", model.config.num_hidden_layers, model.config.hidden_size, precision)
-    log.info("batch: %d blocks x %d tokens x %d accumulation x %d processes = %s tokens per step (asked %s); "
-             "%d steps = %s tokens", micro, seq_len, accum, world, f"{step_tokens:,}", f"{t.global_batch_tokens:,}",
-             total_steps, f"{total_steps * step_tokens:,}")
+    log.info(
+        "model: %s, %s parameters, %d layers, hidden %d; %s",
+        cfg.model.base or "new LLaMA",
+        f"{n_params:,}",
+        model.config.num_hidden_layers,
+        model.config.hidden_size,
+        precision,
+    )
+    log.info(
+        "batch: %d blocks x %d tokens x %d accumulation x %d processes = %s tokens per step (asked %s); "
+        "%d steps = %s tokens",
+        micro,
+        seq_len,
+        accum,
+        world,
+        f"{step_tokens:,}",
+        f"{t.global_batch_tokens:,}",
+        total_steps,
+        f"{total_steps * step_tokens:,}",
+    )
 
     # ---------------------------------------------------------------------------------- Optimiser, schedule
     matrices = [p for p in model.parameters() if p.ndim >= 2]
     vectors = [p for p in model.parameters() if p.ndim < 2]  # RMSNorm weights: decaying them only hurts
     optimizer = torch.optim.AdamW(
         [{"params": matrices, "weight_decay": t.weight_decay}, {"params": vectors, "weight_decay": 0.0}],
-        lr=t.learning_rate, betas=tuple(t.betas), fused=accelerator.device.type in ("cuda", "cpu"))
+        lr=t.learning_rate,
+        betas=tuple(t.betas),
+        fused=accelerator.device.type in ("cuda", "cpu"),
+    )
     if t.compile:
         model = torch.compile(model)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -277,11 +331,19 @@ def train(cfg: PretrainRecipe, recipe_file: Path | None = None) -> dict:
     log.info("loss: %s", "fused output layer + cross-entropy" if fused else "the model's head, then cross-entropy")
     # The scheduler is stepped by us once per optimiser step, so it is not passed through prepare() (which
     # would step it once per process); it is still saved with the checkpoint.
-    scheduler = get_cosine_with_min_lr_schedule_with_warmup(optimizer, min(t.warmup_steps, total_steps - 1),
-                                                            total_steps, min_lr_rate=t.min_lr_ratio)
+    scheduler = get_cosine_with_min_lr_schedule_with_warmup(
+        optimizer, min(t.warmup_steps, total_steps - 1), total_steps, min_lr_rate=t.min_lr_ratio
+    )
     mixture = corpora.mixture(cfg.data.seed)
-    state = RunState({"seq_len": seq_len, "step_tokens": step_tokens, "micro_batch_size": micro,
-                      "corpora": [[c.name, c.weight] for c in cfg.data.corpora], "seed": cfg.data.seed})
+    state = RunState(
+        {
+            "seq_len": seq_len,
+            "step_tokens": step_tokens,
+            "micro_batch_size": micro,
+            "corpora": [[c.name, c.weight] for c in cfg.data.corpora],
+            "seed": cfg.data.seed,
+        }
+    )
     accelerator.register_for_checkpointing(scheduler, mixture, state)
     if latest:
         accelerator.load_state(str(latest))
@@ -306,10 +368,10 @@ def train(cfg: PretrainRecipe, recipe_file: Path | None = None) -> dict:
     last_val = state.initial_val
     while state.step < total_steps:
         start = time.perf_counter()
-        pairs = mixture.draw(state.step, micro * accum * world)[accelerator.process_index::world]
+        pairs = mixture.draw(state.step, micro * accum * world)[accelerator.process_index :: world]
         loss_sum = torch.zeros((), device=accelerator.device)
         for k in range(accum):
-            batch = batch_of(corpora.train, pairs[k * micro:(k + 1) * micro], accelerator.device)
+            batch = batch_of(corpora.train, pairs[k * micro : (k + 1) * micro], accelerator.device)
             with accelerator.no_sync(model) if k < accum - 1 else nullcontext(), accelerator.autocast():
                 loss = loss_of(model, batch, fused)
                 accelerator.backward(loss / accum)
@@ -324,16 +386,31 @@ def train(cfg: PretrainRecipe, recipe_file: Path | None = None) -> dict:
         loss = state.loss = accelerator.reduce(loss_sum / accum, "mean").item()
         elapsed = time.perf_counter() - start
         timed_tokens, timed_seconds = timed_tokens + step_tokens, timed_seconds + elapsed
-        row = {"step": state.step, "time": round(time.time(), 3), "loss": round(loss, 4), "lr": lr,
-               "grad_norm": round(float(grad_norm), 4),
-               "tokens_per_s": round(step_tokens / elapsed, 1), "peak_mem_gb": round(peak_memory_gb(), 3),
-               "tokens": state.tokens}
+        row = {
+            "step": state.step,
+            "time": round(time.time(), 3),
+            "loss": round(loss, 4),
+            "lr": lr,
+            "grad_norm": round(float(grad_norm), 4),
+            "tokens_per_s": round(step_tokens / elapsed, 1),
+            "peak_mem_gb": round(peak_memory_gb(), 3),
+            "tokens": state.tokens,
+        }
         if (used := mfu(step_tokens / elapsed, flops_per_token, world)) is not None:
             row["mfu"] = used
         if state.step % t.log_every == 0 or state.step == total_steps:
-            log.info("step %d/%d | loss %.4f | lr %.2e | grad norm %.2f | %s tok/s%s | peak %.2f GB | %s tokens",
-                     state.step, total_steps, loss, lr, row["grad_norm"], f"{row['tokens_per_s']:,.0f}",
-                     f" | MFU {row['mfu']:.1%}" if "mfu" in row else "", row["peak_mem_gb"], _short(state.tokens))
+            log.info(
+                "step %d/%d | loss %.4f | lr %.2e | grad norm %.2f | %s tok/s%s | peak %.2f GB | %s tokens",
+                state.step,
+                total_steps,
+                loss,
+                lr,
+                row["grad_norm"],
+                f"{row['tokens_per_s']:,.0f}",
+                f" | MFU {row['mfu']:.1%}" if "mfu" in row else "",
+                row["peak_mem_gb"],
+                _short(state.tokens),
+            )
         if state.step % t.eval_every == 0 or state.step == total_steps:
             last_val = evaluate(model, corpora, cfg, accelerator)
             row.update(last_val)
@@ -357,16 +434,29 @@ def train(cfg: PretrainRecipe, recipe_file: Path | None = None) -> dict:
         "steps": state.step,
         "seq_len": seq_len,
     }
-    metrics = {"steps": state.step, "tokens": state.tokens, "parameters": n_params,
-               "initial_val": state.initial_val, "final_val": last_val, "final_train_loss": state.loss,
-               "tokens_per_s": round(timed_tokens / timed_seconds, 1) if timed_seconds else None,
-               "peak_mem_gb": round(peak_memory_gb(), 3)}
+    metrics = {
+        "steps": state.step,
+        "tokens": state.tokens,
+        "parameters": n_params,
+        "initial_val": state.initial_val,
+        "final_val": last_val,
+        "final_train_loss": state.loss,
+        "tokens_per_s": round(timed_tokens / timed_seconds, 1) if timed_seconds else None,
+        "peak_mem_gb": round(peak_memory_gb(), 3),
+    }
     save_model(accelerator, model, tokenizer, out, {"lineage.json": lineage, "metrics.json": metrics})
     speed = f"{metrics['tokens_per_s']:,.0f} tokens/s" if metrics["tokens_per_s"] else "no steps were left to train"
-    log.info("done: val loss %.4f -> %.4f (%s); %s, peak memory %.2f GB; model in %s",
-             state.initial_val["val_loss"], last_val["val_loss"],
-             ", ".join(f"{n} {state.initial_val[f'val_loss/{n}']:.3f} -> {last_val[f'val_loss/{n}']:.3f}"
-                       for n in corpora.names), speed, metrics["peak_mem_gb"], out)
+    log.info(
+        "done: val loss %.4f -> %.4f (%s); %s, peak memory %.2f GB; model in %s",
+        state.initial_val["val_loss"],
+        last_val["val_loss"],
+        ", ".join(
+            f"{n} {state.initial_val[f'val_loss/{n}']:.3f} -> {last_val[f'val_loss/{n}']:.3f}" for n in corpora.names
+        ),
+        speed,
+        metrics["peak_mem_gb"],
+        out,
+    )
     accelerator.end_training()
     return metrics
 

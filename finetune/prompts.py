@@ -65,8 +65,10 @@ _GENERATION_TAG = re.compile(r"\{%-?\s*(end)?generation\s*-?%\}")
 
 # A user turn's text: its content, then its `input` (alpaca/dolly context) after a blank line.
 _USER_TEXT = "{%- set text = m['content'] + ('\\n\\n' + m['input'] if m['input'] is defined and m['input'] else '') -%}"
-_HEAD = "{%- set ns = namespace(system=SYSTEM, turn=0) -%}{%- for m in messages -%}" \
-        "{%- if m['role'] == 'system' -%}{%- set ns.system = m['content'] -%}"
+_HEAD = (
+    "{%- set ns = namespace(system=SYSTEM, turn=0) -%}{%- for m in messages -%}"
+    "{%- if m['role'] == 'system' -%}{%- set ns.system = m['content'] -%}"
+)
 
 _ALPACA = _HEAD + (
     "{%- elif m['role'] == 'user' -%}"
@@ -83,8 +85,9 @@ _ALPACA = _HEAD + (
 )
 # Meta's Llama 2 chat layout: every exchange is its own BOS document, the system prompt inside the first.
 _LLAMA2 = _HEAD + (
-    "{%- elif m['role'] == 'user' -%}" + _USER_TEXT +
-    "{{- bos_token + '[INST] ' + ('<<SYS>>\\n' + ns.system + '\\n<</SYS>>\\n\\n' if ns.turn == 0 and ns.system"
+    "{%- elif m['role'] == 'user' -%}"
+    + _USER_TEXT
+    + "{{- bos_token + '[INST] ' + ('<<SYS>>\\n' + ns.system + '\\n<</SYS>>\\n\\n' if ns.turn == 0 and ns.system"
     " else '') + text + ' [/INST]' -}}{%- set ns.turn = ns.turn + 1 -%}"
     "{%- elif m['role'] == 'assistant' -%}"
     "{%- generation -%}{{- ' ' + m['content'] + eos_token -}}{%- endgeneration -%}"
@@ -92,8 +95,7 @@ _LLAMA2 = _HEAD + (
 )
 # ChatML; `<|im_end|>` is text for LLaMA tokenizers, so EOS follows it (by id) to teach the model to stop.
 _CHATML = _HEAD + (
-    "{%- elif m['role'] == 'user' -%}" + _USER_TEXT +
-    "{%- if ns.turn > 0 -%}{{- '\\n' -}}"
+    "{%- elif m['role'] == 'user' -%}" + _USER_TEXT + "{%- if ns.turn > 0 -%}{{- '\\n' -}}"
     "{%- elif ns.system -%}{{- '<|im_start|>system\\n' + ns.system + '<|im_end|>\\n' -}}{%- endif -%}"
     "{{- '<|im_start|>user\\n' + text + '<|im_end|>\\n<|im_start|>assistant\\n' -}}"
     "{%- set ns.turn = ns.turn + 1 -%}"
@@ -137,8 +139,10 @@ def own_template(tokenizer, system_prompt: str | None = None) -> str:
         raise DataError("data.prompt_style=chat_template, but the tokenizer has no chat template")
     if not system_prompt:
         return template
-    default = ("{%- if not messages or messages[0]['role'] != 'system' -%}{%- set messages = [{'role': 'system', "
-               f"'content': {_literal(system_prompt)}}}] + messages -%}}{{%- endif %}}")
+    default = (
+        "{%- if not messages or messages[0]['role'] != 'system' -%}{%- set messages = [{'role': 'system', "
+        f"'content': {_literal(system_prompt)}}}] + messages -%}}{{%- endif %}}"
+    )
     return template if template.startswith(default) else default + template  # a saved run's has it already
 
 
@@ -161,11 +165,17 @@ _ROLE_ORDER = "the order is: an optional system turn, then user and assistant tu
 def check_turns(turns: list[dict]) -> None:
     """Refuse a conversation whose turns are out of order; names the turn."""
     for t, turn in enumerate(turns):
-        expected = ("system", "user") if t == 0 else ("user",) if turns[t - 1]["role"] in ("system", "assistant") \
+        expected = (
+            ("system", "user")
+            if t == 0
+            else ("user",)
+            if turns[t - 1]["role"] in ("system", "assistant")
             else ("assistant",)
+        )
         if turn["role"] not in expected:
-            raise DataError(f"turn {t} is a {turn['role']} turn where a {' or '.join(expected)} turn belongs "
-                            f"({_ROLE_ORDER})")
+            raise DataError(
+                f"turn {t} is a {turn['role']} turn where a {' or '.join(expected)} turn belongs ({_ROLE_ORDER})"
+            )
 
 
 def _specials(tokenizer) -> dict[str, str]:
@@ -181,8 +191,13 @@ def _render_template(template: str, messages: list[dict], tokenizer, generation_
     from transformers.utils.chat_template_utils import render_jinja_template
 
     marked = bool(_GENERATION_TAG.search(template))
-    texts, spans = render_jinja_template([messages], chat_template=template, return_assistant_tokens_mask=marked,
-                                         add_generation_prompt=generation_prompt, **_specials(tokenizer))
+    texts, spans = render_jinja_template(
+        [messages],
+        chat_template=template,
+        return_assistant_tokens_mask=marked,
+        add_generation_prompt=generation_prompt,
+        **_specials(tokenizer),
+    )
     return texts[0], spans[0] if marked else []
 
 
@@ -198,8 +213,10 @@ def _render_own_template(messages: list[dict], tokenizer, template: str) -> Rend
             prompt, _ = _render_template(template, messages[:i], tokenizer, generation_prompt=True)
             upto, _ = _render_template(template, messages[: i + 1], tokenizer)
             if not (upto.startswith(prompt) and text.startswith(upto)):
-                raise DataError("the tokenizer's chat template renders a conversation so that its prompt is not a "
-                                "prefix of the whole; choose another data.prompt_style")
+                raise DataError(
+                    "the tokenizer's chat template renders a conversation so that its prompt is not a "
+                    "prefix of the whole; choose another data.prompt_style"
+                )
             learned.append((len(prompt), len(upto)))
     # A response must end with EOS, or the model never learns to stop: EOS written by the template just after
     # the response is learned with it; where the template writes none, EOS is put in by id.
@@ -219,8 +236,10 @@ def _render_own_template(messages: list[dict], tokenizer, template: str) -> Rend
         text = text[:cut] + EOS_MARK + text[cut:]
         learned = [(s + (s >= cut), e + (e >= cut)) for s, e in learned]
         learned[n] = (start, cut + 1)
-        _warn_once("the tokenizer's chat template does not end a response with EOS: EOS is appended by id "
-                   "so the model learns to stop (the template itself does not render it)")
+        _warn_once(
+            "the tokenizer's chat template does not end a response with EOS: EOS is appended by id "
+            "so the model learns to stop (the template itself does not render it)"
+        )
     return Rendered(text, learned)
 
 
@@ -244,12 +263,15 @@ def _texts(example: dict) -> list[str]:
     return [example["text"]] if "text" in example else [v for t in example["turns"] for v in t.values()]
 
 
-def render(example: dict, style: str, tokenizer, system_prompt: str | None = None,
-           template: str | None = None) -> Rendered:
+def render(
+    example: dict, style: str, tokenizer, system_prompt: str | None = None, template: str | None = None
+) -> Rendered:
     """An example ({"turns": [...]} or {"text": ...}) as text with BOS/EOS marks and learned spans."""
     if any(_MARKS.search(v) for v in [*_texts(example), system_prompt or ""]):
-        raise DataError("the text holds the private-use character U+E000 or U+E001, which the suite reserves to "
-                        "mark BOS and EOS while rendering")
+        raise DataError(
+            "the text holds the private-use character U+E000 or U+E001, which the suite reserves to "
+            "mark BOS and EOS while rendering"
+        )
     if "text" in example:
         bos = _specials(tokenizer)["bos_token"]
         return Rendered(bos + example["text"] + EOS_MARK, [(len(bos), len(bos) + len(example["text"]) + 1)])
@@ -266,8 +288,9 @@ def _writes_special_tokens(template: str, tokenizer) -> list[str]:
     """Special tokens (other than BOS and EOS, which go in by id) that a template writes as text itself, such
     as `<|im_start|>` where a tokenizer has it as a special token: those must be parsed, not split."""
     # no system turn: many templates (Mistral's, Gemma's) refuse one
-    probe, _ = _render_template(template, [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}],
-                                tokenizer)
+    probe, _ = _render_template(
+        template, [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}], tokenizer
+    )
     skip = {tokenizer.bos_token, tokenizer.eos_token}
     return [t for t in tokenizer.all_special_tokens if t not in skip and t in probe]
 
@@ -329,8 +352,12 @@ def _encode_documents(docs: list[_Document], tokenizer, split_special: bool):
     out = [([], []) for _ in docs]
     todo = [i for i, t in enumerate(texts) if t]
     if todo:
-        enc = tokenizer([texts[i] for i in todo], add_special_tokens=False, return_offsets_mapping=True,
-                        split_special_tokens=split_special)
+        enc = tokenizer(
+            [texts[i] for i in todo],
+            add_special_tokens=False,
+            return_offsets_mapping=True,
+            split_special_tokens=split_special,
+        )
         for j, i in enumerate(todo):
             out[i] = (enc["input_ids"][j], [tuple(o) for o in enc["offset_mapping"][j]])
     return out
@@ -346,8 +373,9 @@ def _positions(offsets, eos):
     return starts, ends, np.searchsorted(starts, eos, side="left")
 
 
-def _assemble(docs, encoded, tokenizer, train_on_prompt: bool, split_special: bool,
-              stats: dict) -> dict[str, list[int]]:
+def _assemble(
+    docs, encoded, tokenizer, train_on_prompt: bool, split_special: bool, stats: dict
+) -> dict[str, list[int]]:
     """One row from its documents' tokens: BOS/EOS ids put in, each token labelled by its characters."""
     import numpy as np
 
@@ -367,11 +395,19 @@ def _assemble(docs, encoded, tokenizer, train_on_prompt: bool, split_special: bo
             ids, spans = [], []
             for a, b in zip(cuts, cuts[1:], strict=False):
                 if b > a:
-                    enc = tokenizer(doc.text[a:b], add_special_tokens=False, return_offsets_mapping=True,
-                                    split_special_tokens=split_special)
+                    enc = tokenizer(
+                        doc.text[a:b],
+                        add_special_tokens=False,
+                        return_offsets_mapping=True,
+                        split_special_tokens=split_special,
+                    )
                     piece_ids, piece_spans = enc["input_ids"], enc["offset_mapping"]
-                    if a and piece_ids and tokenizer.convert_ids_to_tokens(piece_ids[0]) == "▁" \
-                            and not doc.text[a].isspace():  # a SentencePiece dummy prefix: not in the text
+                    if (
+                        a
+                        and piece_ids
+                        and tokenizer.convert_ids_to_tokens(piece_ids[0]) == "▁"
+                        and not doc.text[a].isspace()
+                    ):  # a SentencePiece dummy prefix: not in the text
                         piece_ids, piece_spans = piece_ids[1:], piece_spans[1:]
                     ids += piece_ids
                     spans += [(s + a, e + a) for s, e in piece_spans]
@@ -399,14 +435,22 @@ def _assemble(docs, encoded, tokenizer, train_on_prompt: bool, split_special: bo
     return {"input_ids": input_ids, "labels": labels}
 
 
-def encode_many(examples: list[dict], style: str, tokenizer, system_prompt: str | None = None,
-                train_on_prompt: bool = False, stats: dict | None = None) -> list[dict[str, list[int]]]:
+def encode_many(
+    examples: list[dict],
+    style: str,
+    tokenizer,
+    system_prompt: str | None = None,
+    train_on_prompt: bool = False,
+    stats: dict | None = None,
+) -> list[dict[str, list[int]]]:
     """Examples -> {"input_ids", "labels"} rows; the text of all of them is tokenised in one batched call.
 
     A DataError names the example's `origin` (dataset and record) where it has one."""
     if not getattr(tokenizer, "is_fast", False):
-        raise DataError(f"tokenizer {type(tokenizer).__name__} gives no character offsets (not a fast "
-                        "tokenizer): the suite needs them to label responses exactly")
+        raise DataError(
+            f"tokenizer {type(tokenizer).__name__} gives no character offsets (not a fast "
+            "tokenizer): the suite needs them to label responses exactly"
+        )
     stats = {} if stats is None else stats
     template = template_for(style, tokenizer, system_prompt)
     # Text is tokenised with special-token strings split (a record's `</s>` stays text), unless the template
@@ -422,18 +466,22 @@ def encode_many(examples: list[dict], style: str, tokenizer, system_prompt: str 
             stats["special_token_text"] = stats.get("special_token_text", 0) + 1
     flat = [d for docs in all_docs for d in docs]
     encoded = iter(_encode_documents(flat, tokenizer, not written))
-    return [_assemble(docs, [next(encoded) for _ in docs], tokenizer, train_on_prompt, not written, stats)
-            for docs in all_docs]
+    return [
+        _assemble(docs, [next(encoded) for _ in docs], tokenizer, train_on_prompt, not written, stats)
+        for docs in all_docs
+    ]
 
 
-def encode(example: dict, style: str, tokenizer, system_prompt: str | None = None,
-           train_on_prompt: bool = False) -> dict[str, list[int]]:
+def encode(
+    example: dict, style: str, tokenizer, system_prompt: str | None = None, train_on_prompt: bool = False
+) -> dict[str, list[int]]:
     """One example ({"turns": [...]} or {"text": ...}) -> {"input_ids", "labels"}."""
     return encode_many([example], style, tokenizer, system_prompt, train_on_prompt)[0]
 
 
-def prompt_ids(turns: list[dict], style: str, tokenizer, system_prompt: str | None = None,
-               nfkc: bool = False) -> list[int]:
+def prompt_ids(
+    turns: list[dict], style: str, tokenizer, system_prompt: str | None = None, nfkc: bool = False
+) -> list[int]:
     """Token ids of a conversation that ends on a user turn, ready for `generate`: the same ids that precede
     the response in training. `nfkc` applies the run's `data.nfkc` to the prompt, as training did."""
     if turns[-1]["role"] != "user":
@@ -499,22 +547,39 @@ def tokenize_examples(examples: list[dict], cfg, tokenizer, name: str = "train")
     stats = {"examples": len(examples), "cut_to_max_length": cut, "dropped_prompt_fills_max_length": len(dropped)}
     if counts.get("eos_splits"):
         stats["eos_splits"] = counts["eos_splits"]
-        log.warning("%s: in %d examples a token ran across an EOS; the text around it was tokenised in pieces",
-                    name, counts["eos_splits"])
+        log.warning(
+            "%s: in %d examples a token ran across an EOS; the text around it was tokenised in pieces",
+            name,
+            counts["eos_splits"],
+        )
     if counts.get("special_token_text"):
         stats["special_token_text"] = counts["special_token_text"]
-        log.warning("%s: %d examples hold a special token's text (e.g. '%s') in a turn; the prompt template writes "
-                    "special tokens as text, so these are read as the special tokens themselves", name,
-                    counts["special_token_text"], tokenizer.eos_token)
+        log.warning(
+            "%s: %d examples hold a special token's text (e.g. '%s') in a turn; the prompt template writes "
+            "special tokens as text, so these are read as the special tokens themselves",
+            name,
+            counts["special_token_text"],
+            tokenizer.eos_token,
+        )
     if counts.get("seam_tokens"):
         stats["seam_tokens"] = counts["seam_tokens"]
-        log.warning("%s: %d responses start inside a token that also holds the end of the prompt (the prompt style "
-                    "ends its prompt mid-word, e.g. with a space); that token is learned, and generation's prompt "
-                    "ends on a different token than training's", name, counts["seam_tokens"])
+        log.warning(
+            "%s: %d responses start inside a token that also holds the end of the prompt (the prompt style "
+            "ends its prompt mid-word, e.g. with a space); that token is learned, and generation's prompt "
+            "ends on a different token than training's",
+            name,
+            counts["seam_tokens"],
+        )
     if cut or dropped:
         log.warning(
             "%s: %d of %d examples were cut to data.max_length=%d; %d dropped because the prompt alone fills it%s",
-            name, cut, len(examples), cfg.max_length, len(dropped), f" ({'; '.join(dropped[:5])})" if dropped else "")
+            name,
+            cut,
+            len(examples),
+            cfg.max_length,
+            len(dropped),
+            f" ({'; '.join(dropped[:5])})" if dropped else "",
+        )
     if not rows:
         raise DataError(f"{name}: no example has a response within data.max_length={cfg.max_length}")
     return rows, stats

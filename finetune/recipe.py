@@ -359,8 +359,10 @@ class ArchitectureConfig:
 
     def __post_init__(self):
         if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
-            raise RecipeError(f"model: hidden_size ({self.hidden_size}) must divide by num_heads ({self.num_heads}),"
-                              f" and num_heads by num_kv_heads ({self.num_kv_heads})")
+            raise RecipeError(
+                f"model: hidden_size ({self.hidden_size}) must divide by num_heads ({self.num_heads}),"
+                f" and num_heads by num_kv_heads ({self.num_kv_heads})"
+            )
 
 
 @dataclass
@@ -412,18 +414,29 @@ class PretrainTrainingConfig:
     """Seed of the RNGs (torch, numpy, random) the run starts with."""
 
     def __post_init__(self):
-        for key in ("micro_batch_size", "global_batch_tokens", "log_every", "eval_every", "save_every",
-                    "keep_checkpoints", "eval_blocks"):
+        for key in (
+            "micro_batch_size",
+            "global_batch_tokens",
+            "log_every",
+            "eval_every",
+            "save_every",
+            "keep_checkpoints",
+            "eval_blocks",
+        ):
             if getattr(self, key) <= 0:
                 raise RecipeError(f"training.{key} must be positive, got {getattr(self, key)}")
         if (self.max_steps is None) == (self.max_tokens is None):
-            raise RecipeError("set exactly one of training.max_steps and training.max_tokens "
-                              f"(got max_steps={self.max_steps}, max_tokens={self.max_tokens})")
+            raise RecipeError(
+                "set exactly one of training.max_steps and training.max_tokens "
+                f"(got max_steps={self.max_steps}, max_tokens={self.max_tokens})"
+            )
         if (self.max_steps or 1) <= 0 or (self.max_tokens or 1) <= 0:
             raise RecipeError("training.max_steps / training.max_tokens must be positive")
         if self.learning_rate <= 0 or not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise RecipeError(f"training.learning_rate must be positive and min_lr_ratio in [0, 1], got "
-                              f"{self.learning_rate}, {self.min_lr_ratio}")
+            raise RecipeError(
+                f"training.learning_rate must be positive and min_lr_ratio in [0, 1], got "
+                f"{self.learning_rate}, {self.min_lr_ratio}"
+            )
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise RecipeError(f"training.betas expects two numbers in [0, 1), got {self.betas}")
 
@@ -653,9 +666,7 @@ def compose(name: str) -> tuple[dict, Path]:
         if not (config_dir / f"{name}.yaml").is_file():
             guess = difflib.get_close_matches(name, available_recipes(), n=1)
             hint = f" Did you mean '{guess[0]}'?" if guess else ""
-            raise RecipeError(
-                f"no recipe '{name}' in {config_dir}.{hint} Available: {', '.join(available_recipes())}"
-            )
+            raise RecipeError(f"no recipe '{name}' in {config_dir}.{hint} Available: {', '.join(available_recipes())}")
     file = config_dir / f"{config_name}.yaml"
     try:
         with initialize_config_dir(config_dir=str(config_dir), version_base=None):

@@ -86,16 +86,21 @@ def train(cfg: SFTRecipe, recipe_file: Path | None = None, callbacks: list | Non
     from finetune.data import load_examples
 
     state = PartialState()
-    logging.basicConfig(level=logging.INFO if state.is_main_process else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.INFO if state.is_main_process else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
     datasets.disable_progress_bars()
     if state.num_processes == 1:
         throughput.warn_if_cpu_threads_capped(log)
     out = Path(cfg.training.output_dir)
     checkpoint = throughput.latest_complete_checkpoint(out) if cfg.resume else None
     if not cfg.resume and any(out.glob("checkpoint-*")):
-        raise RecipeError(f"{out} already holds checkpoints: add resume=true to continue that run, or choose "
-                          "another training.output_dir (nothing there is overwritten)")
+        raise RecipeError(
+            f"{out} already holds checkpoints: add resume=true to continue that run, or choose "
+            "another training.output_dir (nothing there is overwritten)"
+        )
     if cfg.resume and checkpoint is None:
         log.warning("resume=true but %s has no complete checkpoint: starting from step 0", out)
     if state.is_main_process:
@@ -117,10 +122,17 @@ def train(cfg: SFTRecipe, recipe_file: Path | None = None, callbacks: list | Non
     model = modeling.load_model(cfg.model, cfg.quantization)
     packing = cfg.data.packing if cfg.data.packing is not None else modeling.supports_packing(model)
     if packing and not modeling.supports_packing(model):
-        raise RecipeError(f"data.packing=true, but attention '{model.config._attn_implementation}' of this model "
-                          "ignores position-id resets: packed examples would attend to each other")
-    log.info("model %s (%s parameters, %s), packing %s", cfg.model.name_or_path, f"{model.num_parameters():,}",
-             model.dtype, "on" if packing else "off")
+        raise RecipeError(
+            f"data.packing=true, but attention '{model.config._attn_implementation}' of this model "
+            "ignores position-id resets: packed examples would attend to each other"
+        )
+    log.info(
+        "model %s (%s parameters, %s), packing %s",
+        cfg.model.name_or_path,
+        f"{model.num_parameters():,}",
+        model.dtype,
+        "on" if packing else "off",
+    )
 
     args = SFTConfig(
         output_dir=str(out),
@@ -163,8 +175,10 @@ def train(cfg: SFTRecipe, recipe_file: Path | None = None, callbacks: list | Non
         peft_config=modeling.peft_config(cfg.lora),
         callbacks=callbacks,
     )
-    trainable, total = (sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
-                        sum(p.numel() for p in trainer.model.parameters()))
+    trainable, total = (
+        sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
+        sum(p.numel() for p in trainer.model.parameters()),
+    )
     log.info("trainable parameters: %s of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
 
     # ------------------------------------------------------------------------------------------------------
@@ -209,9 +223,14 @@ def train(cfg: SFTRecipe, recipe_file: Path | None = None, callbacks: list | Non
             merge(cfg, out)
         if cfg.hub.push_to_hub:
             push(cfg, out)
-    log.info("done: train loss %.4f%s, %s tokens/s, peak memory %.2f GB; adapter in %s",
-             metrics["train_loss"], f", eval loss {metrics['eval_loss']:.4f}" if eval_rows else "",
-             metrics["tokens_per_s"], metrics["peak_mem_gb"], out)
+    log.info(
+        "done: train loss %.4f%s, %s tokens/s, peak memory %.2f GB; adapter in %s",
+        metrics["train_loss"],
+        f", eval loss {metrics['eval_loss']:.4f}" if eval_rows else "",
+        metrics["tokens_per_s"],
+        metrics["peak_mem_gb"],
+        out,
+    )
     return trainer, metrics
 
 
@@ -235,8 +254,9 @@ def push(cfg: SFTRecipe, out: Path) -> None:
 
     api = HfApi()
     api.create_repo(cfg.hub.model_id, private=cfg.hub.private, exist_ok=True)
-    api.upload_folder(repo_id=cfg.hub.model_id, folder_path=str(out),
-                      ignore_patterns=["checkpoint-*", "runs/*", "merged/*"])
+    api.upload_folder(
+        repo_id=cfg.hub.model_id, folder_path=str(out), ignore_patterns=["checkpoint-*", "runs/*", "merged/*"]
+    )
     log.info("pushed %s to https://huggingface.co/%s", out, cfg.hub.model_id)
 
 

@@ -13,8 +13,18 @@ import torch
 COMPLETE = ".complete"  # written after a checkpoint's last file: a checkpoint without it is ignored on resume
 
 # Dense bf16 peak FLOP/s for MFU, by substring of torch.cuda.get_device_name().
-PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12,
-              "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12, "T4": 65e12}
+PEAK_FLOPS = {
+    "H200": 989e12,
+    "H100": 989e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "A10G": 125e12,
+    "L4": 121e12,
+    "RTX 4090": 165e12,
+    "RTX 3090": 71e12,
+    "V100": 125e12,
+    "T4": 65e12,
+}
 
 
 def peak_memory_gb() -> float:
@@ -31,9 +41,14 @@ def warn_if_cpu_threads_capped(log) -> None:
         return
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     if torch.get_num_threads() < cores:
-        log.warning("torch computes on %d of %d CPU cores (OMP_NUM_THREADS=%s; accelerate launch sets 1 by default): "
-                    "add --num_cpu_threads_per_process %d to accelerate launch to use them all",
-                    torch.get_num_threads(), cores, os.environ.get("OMP_NUM_THREADS", "unset"), cores)
+        log.warning(
+            "torch computes on %d of %d CPU cores (OMP_NUM_THREADS=%s; accelerate launch sets 1 by default): "
+            "add --num_cpu_threads_per_process %d to accelerate launch to use them all",
+            torch.get_num_threads(),
+            cores,
+            os.environ.get("OMP_NUM_THREADS", "unset"),
+            cores,
+        )
 
 
 def device_peak_flops() -> float | None:

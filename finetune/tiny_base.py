@@ -30,10 +30,12 @@ CHAT_TEMPLATE = chat_template("chatml")
 
 SIZES = {
     # hidden, intermediate, layers, heads, kv heads: TinyLlama's shape (GQA 4:1 -> here 2:1), scaled down
-    "tiny-llama": dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=4,
-                       num_key_value_heads=2),
-    "micro-llama": dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
-                        num_key_value_heads=2),
+    "tiny-llama": dict(
+        hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2
+    ),
+    "micro-llama": dict(
+        hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
+    ),
 }
 
 
@@ -96,10 +98,24 @@ def train_sentencepiece_tokenizer(texts, vocab_size: int = 3000):
     lines = [line for text in texts for line in text.splitlines() if line.strip()]
     with tempfile.TemporaryDirectory() as tmp:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(lines), model_prefix=f"{tmp}/tokenizer", model_type="bpe", vocab_size=vocab_size,
-            byte_fallback=True, add_dummy_prefix=True, normalization_rule_name="identity",
-            remove_extra_whitespaces=False, split_digits=True, allow_whitespace_only_pieces=True,
-            character_coverage=0.9995, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1, minloglevel=2)
+            sentence_iterator=iter(lines),
+            model_prefix=f"{tmp}/tokenizer",
+            model_type="bpe",
+            vocab_size=vocab_size,
+            byte_fallback=True,
+            add_dummy_prefix=True,
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            split_digits=True,
+            allow_whitespace_only_pieces=True,
+            character_coverage=0.9995,
+            unk_id=0,
+            bos_id=1,
+            eos_id=2,
+            pad_id=-1,
+            num_threads=1,
+            minloglevel=2,
+        )
         tokenizer = LlamaTokenizer.from_pretrained(tmp)
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
@@ -108,8 +124,9 @@ def train_sentencepiece_tokenizer(texts, vocab_size: int = 3000):
 TOKENIZERS = {"bpe": train_tokenizer, "sentencepiece": train_sentencepiece_tokenizer}
 
 
-def build(out_dir: Path = DEFAULT_DIR, size: str = "tiny-llama", seed: int = 0, vocab_size: int = 4096,
-          tokenizer: str = "bpe") -> Path:
+def build(
+    out_dir: Path = DEFAULT_DIR, size: str = "tiny-llama", seed: int = 0, vocab_size: int = 4096, tokenizer: str = "bpe"
+) -> Path:
     """Build the tokenizer (`bpe`: byte-level; `sentencepiece`: LLaMA's kind) and a freshly initialised
     LlamaForCausalLM into `out_dir`; return it."""
     import torch
@@ -134,10 +151,19 @@ def build(out_dir: Path = DEFAULT_DIR, size: str = "tiny-llama", seed: int = 0, 
     tmp.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    (tmp / "lineage.json").write_text(json.dumps(
-        {"built_by": "finetune.tiny_base", "size": size, "seed": seed, "weights": "random init",
-         "tokenizer": f"{'byte-level BPE' if kind == 'bpe' else 'SentencePiece BPE'}, vocab {len(tokenizer)}, "
-                      f"trained on {REPO_DATA.name}/"}, indent=2))
+    (tmp / "lineage.json").write_text(
+        json.dumps(
+            {
+                "built_by": "finetune.tiny_base",
+                "size": size,
+                "seed": seed,
+                "weights": "random init",
+                "tokenizer": f"{'byte-level BPE' if kind == 'bpe' else 'SentencePiece BPE'}, vocab {len(tokenizer)}, "
+                f"trained on {REPO_DATA.name}/",
+            },
+            indent=2,
+        )
+    )
     if out_dir.exists():  # another process built it meanwhile: keep theirs
         import shutil
 
@@ -153,8 +179,9 @@ def ensure(name: str) -> Path:
     if name not in SIZES:
         from finetune.errors import RecipeError
 
-        raise RecipeError(f"unknown built-in model 'builtin:{name}', expected one of "
-                          + ", ".join(f"builtin:{s}" for s in SIZES))
+        raise RecipeError(
+            f"unknown built-in model 'builtin:{name}', expected one of " + ", ".join(f"builtin:{s}" for s in SIZES)
+        )
     out = DEFAULT_DIR.with_name(name)
     if not (out / "config.json").exists():
         log.info("building the built-in base builtin:%s into %s (first use)", name, out)

@@ -27,8 +27,9 @@ def micro_base_sp(tmp_path_factory) -> Path:
     TinyLlama and ELYZA have, trained offline on the bundled data."""
     from finetune import tiny_base
 
-    return tiny_base.build(tmp_path_factory.mktemp("base-sp") / "micro-llama-sp", "micro-llama", vocab_size=3000,
-                           tokenizer="sentencepiece")
+    return tiny_base.build(
+        tmp_path_factory.mktemp("base-sp") / "micro-llama-sp", "micro-llama", vocab_size=3000, tokenizer="sentencepiece"
+    )
 
 
 @pytest.fixture(scope="session")
@@ -63,8 +64,11 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
 @pytest.fixture
 def alpaca_file(tmp_path) -> Path:
     records = [
-        {"instruction": f"Spell the number {i} in words.", "input": "" if i % 3 else "English",
-         "output": f"The number {i} is written as word number {i}." + " It is a number." * (i % 5)}
+        {
+            "instruction": f"Spell the number {i} in words.",
+            "input": "" if i % 3 else "English",
+            "output": f"The number {i} is written as word number {i}." + " It is a number." * (i % 5),
+        }
         for i in range(48)
     ]
     return write_jsonl(tmp_path / "alpaca.jsonl", records)

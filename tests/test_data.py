@@ -20,24 +20,50 @@ def cfg(*specs, **kw):
 def test_alpaca_dolly_and_chat_formats_become_turns(tmp_path):
     a = write_jsonl(tmp_path / "a.jsonl", [{"instruction": "Add.", "input": "1 2", "output": "3"}])
     d = write_jsonl(tmp_path / "d.jsonl", [{"instruction": "要約して", "context": "長い文", "response": "短い文"}])
-    c = write_jsonl(tmp_path / "c.jsonl", [{"conversations": [{"from": "system", "value": "S"},
-                                                               {"from": "human", "value": "Hi"},
-                                                               {"from": "gpt", "value": "Hello"}]}])
-    m = write_jsonl(tmp_path / "m.jsonl", [{"messages": [{"role": "user", "content": "Q"},
-                                                         {"role": "assistant", "content": "A"}]}])
+    c = write_jsonl(
+        tmp_path / "c.jsonl",
+        [
+            {
+                "conversations": [
+                    {"from": "system", "value": "S"},
+                    {"from": "human", "value": "Hi"},
+                    {"from": "gpt", "value": "Hello"},
+                ]
+            }
+        ],
+    )
+    m = write_jsonl(
+        tmp_path / "m.jsonl", [{"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]}]
+    )
     t = tmp_path / "t.txt"
     t.write_text("First document.\nStill first.\n\nSecond document.\n")
-    train, _ = load_examples(cfg(DatasetSpec(str(a), "alpaca"), DatasetSpec(str(d), "dolly"),
-                                 DatasetSpec(str(c), "conversations"), DatasetSpec(str(m), "messages"),
-                                 DatasetSpec(str(t), "text")))
+    train, _ = load_examples(
+        cfg(
+            DatasetSpec(str(a), "alpaca"),
+            DatasetSpec(str(d), "dolly"),
+            DatasetSpec(str(c), "conversations"),
+            DatasetSpec(str(m), "messages"),
+            DatasetSpec(str(t), "text"),
+        )
+    )
     assert len(train) == 6
     train = [{k: v for k, v in e.items() if k != "origin"} for e in train]
-    assert {"turns": [{"role": "user", "content": "Add.", "input": "1 2"},
-                      {"role": "assistant", "content": "3"}]} in train
-    assert {"turns": [{"role": "user", "content": "要約して", "input": "長い文"},
-                      {"role": "assistant", "content": "短い文"}]} in train
-    assert {"turns": [{"role": "system", "content": "S"}, {"role": "user", "content": "Hi"},
-                      {"role": "assistant", "content": "Hello"}]} in train
+    assert {
+        "turns": [{"role": "user", "content": "Add.", "input": "1 2"}, {"role": "assistant", "content": "3"}]
+    } in train
+    assert {
+        "turns": [
+            {"role": "user", "content": "要約して", "input": "長い文"},
+            {"role": "assistant", "content": "短い文"},
+        ]
+    } in train
+    assert {
+        "turns": [
+            {"role": "system", "content": "S"},
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello"},
+        ]
+    } in train
     assert sum("text" in e for e in train) == 2  # paragraphs are documents
 
 
@@ -71,8 +97,9 @@ def test_malformed_record_names_dataset_index_and_field(tmp_path):
 
 
 def test_malformed_turn_names_the_turn(tmp_path):
-    f = write_jsonl(tmp_path / "c.jsonl", [{"conversations": [{"from": "human", "value": "Hi"},
-                                                              {"from": "bot", "value": "?"}]}])
+    f = write_jsonl(
+        tmp_path / "c.jsonl", [{"conversations": [{"from": "human", "value": "Hi"}, {"from": "bot", "value": "?"}]}]
+    )
     with pytest.raises(DataError, match=r"record 0, turn 1: unknown from 'bot'"):
         load_examples(cfg(DatasetSpec(str(f), "conversations")))
 
@@ -89,8 +116,14 @@ def test_empty_and_missing_datasets_fail_clearly(tmp_path):
 def test_max_samples_weights_and_held_out_split(tmp_path):
     a = write_jsonl(tmp_path / "a.jsonl", [{"instruction": f"a{i}", "output": "x"} for i in range(20)])
     b = write_jsonl(tmp_path / "b.jsonl", [{"instruction": f"b{i}", "output": "y"} for i in range(10)])
-    train, held = load_examples(cfg(DatasetSpec(str(a), "alpaca", max_samples=8, weight=0.5),
-                                    DatasetSpec(str(b), "alpaca", weight=2.0), eval_size=3, seed=1))
+    train, held = load_examples(
+        cfg(
+            DatasetSpec(str(a), "alpaca", max_samples=8, weight=0.5),
+            DatasetSpec(str(b), "alpaca", weight=2.0),
+            eval_size=3,
+            seed=1,
+        )
+    )
     names = lambda ex: [e["turns"][0]["content"] for e in ex]  # noqa: E731
     held_names = set(names(held))
     assert len(held) == 3 and not held_names & set(names(train))
@@ -99,8 +132,14 @@ def test_max_samples_weights_and_held_out_split(tmp_path):
     held_a = sum(n.startswith("a") for n in held_names)
     assert n_a == round(0.5 * (8 - held_a))
     assert n_b == 2 * (10 - (3 - held_a))
-    again, _ = load_examples(cfg(DatasetSpec(str(a), "alpaca", max_samples=8, weight=0.5),
-                                 DatasetSpec(str(b), "alpaca", weight=2.0), eval_size=3, seed=1))
+    again, _ = load_examples(
+        cfg(
+            DatasetSpec(str(a), "alpaca", max_samples=8, weight=0.5),
+            DatasetSpec(str(b), "alpaca", weight=2.0),
+            eval_size=3,
+            seed=1,
+        )
+    )
     assert names(again) == names(train)  # deterministic for a seed
 
 
@@ -124,11 +163,19 @@ def test_every_example_knows_its_dataset_and_record(tmp_path):
 
 def test_a_bad_turn_order_names_the_file_and_its_record(tmp_path):
     good = {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]}
-    bad = {"conversations": [{"from": "human", "value": "Hi"}, {"from": "human", "value": "Hello?"},
-                             {"from": "gpt", "value": "Yes"}]}
+    bad = {
+        "conversations": [
+            {"from": "human", "value": "Hi"},
+            {"from": "human", "value": "Hello?"},
+            {"from": "gpt", "value": "Yes"},
+        ]
+    }
     f = write_jsonl(tmp_path / "chats.jsonl", [good] * 13 + [bad] + [good] * 5)
-    with pytest.raises(DataError, match=r"dataset '.*chats.jsonl': record 13: turn 1 is a user turn where an? "
-                                        r"assistant turn belongs"):
+    with pytest.raises(
+        DataError,
+        match=r"dataset '.*chats.jsonl': record 13: turn 1 is a user turn where an? "
+        r"assistant turn belongs",
+    ):
         load_examples(cfg(DatasetSpec(str(f), "conversations")))
 
 
@@ -138,42 +185,81 @@ def test_a_bad_turn_order_names_the_file_and_its_record(tmp_path):
 def test_llama_factory_sharegpt_system_and_alpaca_history_are_trained_on(tmp_path, tokenizer):
     from finetune.prompts import encode
 
-    sharegpt = write_jsonl(tmp_path / "sharegpt.jsonl", [{
-        "conversations": [{"from": "human", "value": "ユーザーの質問"}, {"from": "gpt", "value": "モデルの回答"}],
-        "system": "システムプロンプト", "tools": ""}])
-    alpaca = write_jsonl(tmp_path / "alpaca.jsonl", [{
-        "instruction": "Current question", "input": "context", "output": "Current answer",
-        "system": "You are terse.",
-        "history": [["First question", "First answer"], ["Second question", "Second answer"]]}])
+    sharegpt = write_jsonl(
+        tmp_path / "sharegpt.jsonl",
+        [
+            {
+                "conversations": [
+                    {"from": "human", "value": "ユーザーの質問"},
+                    {"from": "gpt", "value": "モデルの回答"},
+                ],
+                "system": "システムプロンプト",
+                "tools": "",
+            }
+        ],
+    )
+    alpaca = write_jsonl(
+        tmp_path / "alpaca.jsonl",
+        [
+            {
+                "instruction": "Current question",
+                "input": "context",
+                "output": "Current answer",
+                "system": "You are terse.",
+                "history": [["First question", "First answer"], ["Second question", "Second answer"]],
+            }
+        ],
+    )
     (s,), _ = load_examples(cfg(DatasetSpec(str(sharegpt), "conversations")))
     (a,), _ = load_examples(cfg(DatasetSpec(str(alpaca), "alpaca")))
     assert s["turns"][0] == {"role": "system", "content": "システムプロンプト"}
-    assert [t["content"] for t in a["turns"]] == ["You are terse.", "First question", "First answer",
-                                                 "Second question", "Second answer", "Current question",
-                                                 "Current answer"]
+    assert [t["content"] for t in a["turns"]] == [
+        "You are terse.",
+        "First question",
+        "First answer",
+        "Second question",
+        "Second answer",
+        "Current question",
+        "Current answer",
+    ]
     chat = tokenizer.decode(encode(s, "chatml", tokenizer)["input_ids"])
     assert "<|im_start|>system\nシステムプロンプト<|im_end|>" in chat
     row = encode(a, "alpaca", tokenizer)
     text = tokenizer.decode(row["input_ids"])
-    assert text.index("You are terse.") < text.index("First question") < text.index("Second answer") \
-        < text.index("### Input:\ncontext") < text.index("Current answer")
+    assert (
+        text.index("You are terse.")
+        < text.index("First question")
+        < text.index("Second answer")
+        < text.index("### Input:\ncontext")
+        < text.index("Current answer")
+    )
     learned = tokenizer.decode([t for t, lab in zip(row["input_ids"], row["labels"], strict=True) if lab != -100])
     assert learned == "First answer</s>Second answer</s>Current answer</s>"
 
 
 def test_a_kto_file_is_refused_naming_its_label(tmp_path):
-    f = write_jsonl(tmp_path / "kto.jsonl", [{"messages": [{"role": "user", "content": "Q"},
-                                                           {"role": "assistant", "content": "A"}], "label": False}])
+    f = write_jsonl(
+        tmp_path / "kto.jsonl",
+        [{"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}], "label": False}],
+    )
     with pytest.raises(DataError, match=r"record 0 has 'label' \(False\): a KTO label .* bad answers as good"):
         load_examples(cfg(DatasetSpec(str(f), "messages")))
 
 
-@pytest.mark.parametrize(("fmt", "record", "mapping"), [
-    ("alpaca", {"instruction": "Q", "input": "", "chosen": "good", "rejected": "bad"}, "output: chosen"),
-    ("messages", {"chosen": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "good"}],
-                  "rejected": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "bad"}]},
-     "messages: chosen"),
-])
+@pytest.mark.parametrize(
+    ("fmt", "record", "mapping"),
+    [
+        ("alpaca", {"instruction": "Q", "input": "", "chosen": "good", "rejected": "bad"}, "output: chosen"),
+        (
+            "messages",
+            {
+                "chosen": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "good"}],
+                "rejected": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "bad"}],
+            },
+            "messages: chosen",
+        ),
+    ],
+)
 def test_a_preference_file_fed_to_sft_names_chosen_rejected_and_dpo(tmp_path, fmt, record, mapping):
     f = write_jsonl(tmp_path / "pairs.jsonl", [record])
     with pytest.raises(DataError, match=rf"record 0 has 'chosen' and 'rejected'.*DPO.*{mapping}.*ignore_fields"):
@@ -185,10 +271,13 @@ def test_a_preference_file_fed_to_sft_names_chosen_rejected_and_dpo(tmp_path, fm
 
 
 def test_images_are_refused_or_ignored_only_when_asked_and_counted(tmp_path, caplog):
-    records = [{"messages": [{"role": "user", "content": "<image>What is it?"},
-                             {"role": "assistant", "content": "A cat."}], "images": ["cat.png"]},
-               {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}],
-                "images": []}]
+    records = [
+        {
+            "messages": [{"role": "user", "content": "<image>What is it?"}, {"role": "assistant", "content": "A cat."}],
+            "images": ["cat.png"],
+        },
+        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}], "images": []},
+    ]
     f = write_jsonl(tmp_path / "mllm.jsonl", records)
     with pytest.raises(DataError, match=r"record 0 has 'images': .*text-only.*ignore_fields: \[images\]"):
         load_examples(cfg(DatasetSpec(str(f), "messages")))
@@ -199,20 +288,50 @@ def test_images_are_refused_or_ignored_only_when_asked_and_counted(tmp_path, cap
 
 
 def test_tool_calls_and_content_part_lists_are_refused(tmp_path):
-    tool = write_jsonl(tmp_path / "tool.jsonl", [{"conversations": [
-        {"from": "human", "value": "Weather?"}, {"from": "function_call", "value": "{}"},
-        {"from": "observation", "value": "sunny"}, {"from": "gpt", "value": "Sunny."}]}])
+    tool = write_jsonl(
+        tmp_path / "tool.jsonl",
+        [
+            {
+                "conversations": [
+                    {"from": "human", "value": "Weather?"},
+                    {"from": "function_call", "value": "{}"},
+                    {"from": "observation", "value": "sunny"},
+                    {"from": "gpt", "value": "Sunny."},
+                ]
+            }
+        ],
+    )
     with pytest.raises(DataError, match=r"record 0, turn 1: a tool call or tool result \(from 'function_call'\)"):
         load_examples(cfg(DatasetSpec(str(tool), "conversations")))
-    parts = write_jsonl(tmp_path / "parts.jsonl", [{"messages": [
-        {"role": "user", "content": [{"type": "text", "text": "Hi"}]}, {"role": "assistant", "content": "Hello"}]}])
+    parts = write_jsonl(
+        tmp_path / "parts.jsonl",
+        [
+            {
+                "messages": [
+                    {"role": "user", "content": [{"type": "text", "text": "Hi"}]},
+                    {"role": "assistant", "content": "Hello"},
+                ]
+            }
+        ],
+    )
     with pytest.raises(DataError, match=r"record 0, turn 0: 'content' is a list of content parts"):
         load_examples(cfg(DatasetSpec(str(parts), "messages")))
 
 
 def test_a_system_field_beside_a_system_turn_is_refused(tmp_path):
-    f = write_jsonl(tmp_path / "both.jsonl", [{"system": "A", "messages": [
-        {"role": "system", "content": "B"}, {"role": "user", "content": "Q"}, {"role": "assistant", "content": "R"}]}])
+    f = write_jsonl(
+        tmp_path / "both.jsonl",
+        [
+            {
+                "system": "A",
+                "messages": [
+                    {"role": "system", "content": "B"},
+                    {"role": "user", "content": "Q"},
+                    {"role": "assistant", "content": "R"},
+                ],
+            }
+        ],
+    )
     with pytest.raises(DataError, match="record 0 has both a 'system' field and a system turn"):
         load_examples(cfg(DatasetSpec(str(f), "messages")))
 
@@ -223,8 +342,14 @@ def test_unused_columns_are_named_in_the_log(caplog):
     assert "column(s) not used by format 'dolly': category" in caplog.text
 
 
-BUNDLED = [("alpaca_en.jsonl", "alpaca"), ("messages_en.jsonl", "messages"), ("text_en.txt", "text"),
-           ("dolly_ja.jsonl", "dolly"), ("conversations_ja.jsonl", "conversations"), ("alpaca_ja.csv", "alpaca")]
+BUNDLED = [
+    ("alpaca_en.jsonl", "alpaca"),
+    ("messages_en.jsonl", "messages"),
+    ("text_en.txt", "text"),
+    ("dolly_ja.jsonl", "dolly"),
+    ("conversations_ja.jsonl", "conversations"),
+    ("alpaca_ja.csv", "alpaca"),
+]
 
 
 @pytest.mark.parametrize(("name", "fmt"), BUNDLED)
@@ -242,16 +367,28 @@ def test_bundled_data_has_200_english_and_200_japanese_examples():
 
 
 def test_turn_numbers_are_the_records_own_when_a_system_field_is_put_in_front(tmp_path):
-    f = write_jsonl(tmp_path / "s.jsonl", [{"system": "S", "conversations": [
-        {"from": "gpt", "value": "A"}, {"from": "human", "value": "Q"}]}])
+    f = write_jsonl(
+        tmp_path / "s.jsonl",
+        [{"system": "S", "conversations": [{"from": "gpt", "value": "A"}, {"from": "human", "value": "Q"}]}],
+    )
     with pytest.raises(DataError, match=r"record 0: turn 0 is a assistant turn where a system or user turn"):
         load_examples(cfg(DatasetSpec(str(f), "conversations")))
 
 
 def test_an_openai_turn_of_weight_0_is_refused_or_learned_when_asked(tmp_path, caplog):
-    f = write_jsonl(tmp_path / "w.jsonl", [{"messages": [
-        {"role": "user", "content": "Q"}, {"role": "assistant", "content": "bad", "weight": 0},
-        {"role": "user", "content": "Q2"}, {"role": "assistant", "content": "good", "weight": 1}]}])
+    f = write_jsonl(
+        tmp_path / "w.jsonl",
+        [
+            {
+                "messages": [
+                    {"role": "user", "content": "Q"},
+                    {"role": "assistant", "content": "bad", "weight": 0},
+                    {"role": "user", "content": "Q2"},
+                    {"role": "assistant", "content": "good", "weight": 1},
+                ]
+            }
+        ],
+    )
     with pytest.raises(DataError, match=r"record 0, turn 1 has weight 0 .*ignore_fields: \[weight\]"):
         load_examples(cfg(DatasetSpec(str(f), "messages")))
     with caplog.at_level(logging.WARNING):
@@ -261,6 +398,8 @@ def test_an_openai_turn_of_weight_0_is_refused_or_learned_when_asked(tmp_path, c
 
 
 def test_llama_factorys_empty_tools_string_is_no_tool(tmp_path):
-    f = write_jsonl(tmp_path / "t.jsonl", [{"conversations": [{"from": "human", "value": "Q"},
-                                                              {"from": "gpt", "value": "A"}], "tools": "[]"}])
+    f = write_jsonl(
+        tmp_path / "t.jsonl",
+        [{"conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"}], "tools": "[]"}],
+    )
     assert len(load_examples(cfg(DatasetSpec(str(f), "conversations")))[0]) == 1

@@ -32,8 +32,8 @@ def corpus_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("corpus")
     (root / "en").mkdir()
     for i in range(0, len(EN) - 3, 4):
-        (root / "en" / f"doc{i:04d}.txt").write_text("\n".join(EN[i:i + 4]), encoding="utf-8")
-    write_jsonl(root / "ja.jsonl", [{"text": "\n".join(JA[i:i + 3])} for i in range(0, len(JA) - 2, 3)])
+        (root / "en" / f"doc{i:04d}.txt").write_text("\n".join(EN[i : i + 4]), encoding="utf-8")
+    write_jsonl(root / "ja.jsonl", [{"text": "\n".join(JA[i : i + 3])} for i in range(0, len(JA) - 2, 3)])
     return root
 
 
@@ -43,13 +43,24 @@ def pretrain_args(corpus_dir: Path, out: Path, *overrides: str) -> list[str]:
         "recipe=pretrain-tiny",
         f"data.corpora=[{{name: en, path: '{corpus_dir / 'en'}', weight: 0.7}}, "
         f"{{name: ja, path: '{corpus_dir / 'ja.jsonl'}', weight: 0.3}}]",
-        "data.seq_len=32", "data.val_fraction=0.1", f"data.cache_dir={out.parent / 'cache'}",
+        "data.seq_len=32",
+        "data.val_fraction=0.1",
+        f"data.cache_dir={out.parent / 'cache'}",
         "tokenizer.vocab_size=512",
-        "model.hidden_size=64", "model.intermediate_size=176", "model.num_layers=2", "model.num_heads=4",
+        "model.hidden_size=64",
+        "model.intermediate_size=176",
+        "model.num_layers=2",
+        "model.num_heads=4",
         "model.num_kv_heads=2",
-        f"training.output_dir={out}", "training.micro_batch_size=4", "training.global_batch_tokens=256",
-        "training.max_steps=32", "training.learning_rate=1e-2", "training.warmup_steps=2",
-        "training.eval_every=16", "training.eval_blocks=8", "training.save_every=8",
+        f"training.output_dir={out}",
+        "training.micro_batch_size=4",
+        "training.global_batch_tokens=256",
+        "training.max_steps=32",
+        "training.learning_rate=1e-2",
+        "training.warmup_steps=2",
+        "training.eval_every=16",
+        "training.eval_blocks=8",
+        "training.save_every=8",
         *overrides,
     ]
 
@@ -64,27 +75,38 @@ def load(argv: list[str]) -> PretrainRecipe:
 
 
 def test_trained_tokenizer_round_trips_english_and_japanese_with_no_unknown_token(tmp_path, corpus_dir):
-    cfg = CorpusConfig(corpora=[CorpusSpec(name="en", path=str(corpus_dir / "en")),
-                                CorpusSpec(name="ja", path=str(corpus_dir / "ja.jsonl"))], seq_len=16,
-                       cache_dir=str(tmp_path))
+    cfg = CorpusConfig(
+        corpora=[
+            CorpusSpec(name="en", path=str(corpus_dir / "en")),
+            CorpusSpec(name="ja", path=str(corpus_dir / "ja.jsonl")),
+        ],
+        seq_len=16,
+        cache_dir=str(tmp_path),
+    )
     tokenizer = corpus.prepare(cfg, TokenizerConfig(vocab_size=512), None).tokenizer
     assert tokenizer.unk_token is None and {"bos_token", "eos_token", "pad_token"} <= set(tokenizer.special_tokens_map)
     # text it never saw, rare kanji and emoji included: byte-level BPE falls back to bytes, never to <unk>
-    samples = ["Pack the blocks, then shuffle them.", "富士山は日本で一番高い山です。", "鬱 𠮷野家 🍣 ｶﾀｶﾅ",
-               "tab\tand\nnewline"]
+    samples = [
+        "Pack the blocks, then shuffle them.",
+        "富士山は日本で一番高い山です。",
+        "鬱 𠮷野家 🍣 ｶﾀｶﾅ",
+        "tab\tand\nnewline",
+    ]
     for text in samples:
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         assert tokenizer.decode(ids) == text
-    assert tokenizer.apply_chat_template([{"role": "user", "content": "こんにちは"}], tokenize=False,
-                                         add_generation_prompt=True).endswith("<|im_start|>assistant\n")
+    assert tokenizer.apply_chat_template(
+        [{"role": "user", "content": "こんにちは"}], tokenize=False, add_generation_prompt=True
+    ).endswith("<|im_start|>assistant\n")
 
 
 def test_a_corpus_far_smaller_than_expected_is_reported_on_every_run(tmp_path, corpus_dir, caplog):
     import logging
 
     n = len(list((corpus_dir / "en").glob("*.txt")))
-    small = CorpusConfig(corpora=[CorpusSpec(name="en", path=str(corpus_dir / "en"), expect_documents=n + 1)],
-                         cache_dir=str(tmp_path))
+    small = CorpusConfig(
+        corpora=[CorpusSpec(name="en", path=str(corpus_dir / "en"), expect_documents=n + 1)], cache_dir=str(tmp_path)
+    )
     for cached in (False, True):  # the count is logged from the cache too, where nothing is read again
         caplog.clear()
         with caplog.at_level(logging.INFO, logger="finetune.corpus"):
@@ -99,8 +121,9 @@ def test_a_corpus_far_smaller_than_expected_is_reported_on_every_run(tmp_path, c
 
 
 def test_documents_are_packed_into_blocks_with_eos_between_them(tmp_path, corpus_dir):
-    cfg = CorpusConfig(corpora=[CorpusSpec(name="ja", path=str(corpus_dir / "ja.jsonl"))], seq_len=16,
-                       cache_dir=str(tmp_path))
+    cfg = CorpusConfig(
+        corpora=[CorpusSpec(name="ja", path=str(corpus_dir / "ja.jsonl"))], seq_len=16, cache_dir=str(tmp_path)
+    )
     prepared = corpus.prepare(cfg, TokenizerConfig(vocab_size=400), None)
     tok, eos = prepared.tokenizer, prepared.tokenizer.eos_token_id
     text_dir = next((tmp_path / "text").glob("ja-*"))
@@ -112,7 +135,7 @@ def test_documents_are_packed_into_blocks_with_eos_between_them(tmp_path, corpus
     assert (stream == eos).sum() == len(docs)
     assert len(blocks) == (len(expected) - 1) // 16
     for i in range(len(blocks)):  # inputs are tokens [16i, 16i+16), targets one further: each token a target once
-        assert blocks[i].tolist() == expected[16 * i: 16 * i + 17]
+        assert blocks[i].tolist() == expected[16 * i : 16 * i + 17]
     assert blocks[1][0] == blocks[0][-1]
     with pytest.raises(IndexError):
         blocks[len(blocks)]
@@ -120,10 +143,14 @@ def test_documents_are_packed_into_blocks_with_eos_between_them(tmp_path, corpus
 
 def test_validation_documents_are_chosen_by_name_and_never_trained_on(tmp_path, corpus_dir):
     spec = CorpusSpec(name="en", path=str(corpus_dir / "en"))
-    dirs = [corpus.extract_text(spec, CorpusConfig(corpora=[spec], val_fraction=0.2, cache_dir=str(tmp_path / k)))
-            for k in ("a", "b")]
-    names = [{s: {json.loads(x)["name"] for x in (d / f"{s}.jsonl").read_text().splitlines()} for s in ("train", "val")}
-             for d in dirs]
+    dirs = [
+        corpus.extract_text(spec, CorpusConfig(corpora=[spec], val_fraction=0.2, cache_dir=str(tmp_path / k)))
+        for k in ("a", "b")
+    ]
+    names = [
+        {s: {json.loads(x)["name"] for x in (d / f"{s}.jsonl").read_text().splitlines()} for s in ("train", "val")}
+        for d in dirs
+    ]
     assert names[0] == names[1] and names[0]["val"]  # the same held-out documents in every run
     assert not names[0]["train"] & names[0]["val"]
     assert len(names[0]["train"]) + len(names[0]["val"]) == len(list((corpus_dir / "en").glob("*.txt")))
@@ -144,12 +171,14 @@ def test_the_mixture_follows_weights_covers_each_epoch_and_restores_exactly():
 
 
 def test_a_missing_corpus_names_the_path(tmp_path):
-    cfg = CorpusConfig(corpora=[CorpusSpec(name="en", path=str(tmp_path / "nowhere" / "*.txt"))],
-                       cache_dir=str(tmp_path))
+    cfg = CorpusConfig(
+        corpora=[CorpusSpec(name="en", path=str(tmp_path / "nowhere" / "*.txt"))], cache_dir=str(tmp_path)
+    )
     with pytest.raises(DataError, match=r"corpus 'en': no files at '.*nowhere/\*\.txt'"):
         corpus.prepare(cfg, TokenizerConfig(vocab_size=300), None)
-    man = CorpusConfig(corpora=[CorpusSpec(name="ja", path=str(tmp_path / "man/ja/man1/*"), format="man")],
-                       cache_dir=str(tmp_path))
+    man = CorpusConfig(
+        corpora=[CorpusSpec(name="ja", path=str(tmp_path / "man/ja/man1/*"), format="man")], cache_dir=str(tmp_path)
+    )
     with pytest.raises(DataError, match="apt-get install manpages manpages-ja"):
         corpus.prepare(man, TokenizerConfig(vocab_size=300), None)
 
@@ -172,14 +201,17 @@ def test_a_record_without_text_names_the_file_and_record(tmp_path):
 
 
 def test_a_corpus_smaller_than_one_block_says_what_to_change(tmp_path, corpus_dir):
-    cfg = CorpusConfig(corpora=[CorpusSpec(name="ja", path=str(corpus_dir / "ja.jsonl"))], seq_len=100_000,
-                       cache_dir=str(tmp_path))
+    cfg = CorpusConfig(
+        corpora=[CorpusSpec(name="ja", path=str(corpus_dir / "ja.jsonl"))], seq_len=100_000, cache_dir=str(tmp_path)
+    )
     with pytest.raises(DataError, match=r"fewer than one block of data.seq_len\+1 = 100001.*lower data.seq_len"):
         corpus.prepare(cfg, TokenizerConfig(vocab_size=300), None)
 
 
-@pytest.mark.skipif(not list(Path("/usr/share/man/man1").glob("ls.1*")) or not shutil.which("groff"),
-                    reason="needs English manual pages and groff (apt-get install manpages groff-base)")
+@pytest.mark.skipif(
+    not list(Path("/usr/share/man/man1").glob("ls.1*")) or not shutil.which("groff"),
+    reason="needs English manual pages and groff (apt-get install manpages groff-base)",
+)
 def test_manual_pages_render_to_plain_text():
     page = corpus.render_man(next(Path("/usr/share/man/man1").glob("ls.1*")))
     assert "list directory contents" in page and "\\f" not in page and ".TH" not in page
@@ -204,9 +236,14 @@ def test_mfu_counts_tinyllamas_flops():
     from finetune.throughput import train_flops_per_token
 
     cfg = load(["recipe=tinyllama-1b"])
-    config = LlamaConfig(vocab_size=32000, hidden_size=cfg.model.hidden_size,
-                         intermediate_size=cfg.model.intermediate_size, num_hidden_layers=cfg.model.num_layers,
-                         num_attention_heads=cfg.model.num_heads, num_key_value_heads=cfg.model.num_kv_heads)
+    config = LlamaConfig(
+        vocab_size=32000,
+        hidden_size=cfg.model.hidden_size,
+        intermediate_size=cfg.model.intermediate_size,
+        num_hidden_layers=cfg.model.num_layers,
+        num_attention_heads=cfg.model.num_heads,
+        num_key_value_heads=cfg.model.num_kv_heads,
+    )
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
     assert 1.0e9 < model.num_parameters() < 1.2e9
@@ -258,8 +295,17 @@ def test_gradient_accumulation_gives_the_same_step_as_one_big_batch(corpus_dir, 
     losses = []
     for micro in (8, 2):  # 8 x 1 and 2 x 4: the same 8 blocks per step
         out = tmp_path / f"m{micro}"
-        pretrain.train(load(pretrain_args(corpus_dir, out, f"training.micro_batch_size={micro}",
-                                          "training.max_steps=3", "training.eval_every=100")))
+        pretrain.train(
+            load(
+                pretrain_args(
+                    corpus_dir,
+                    out,
+                    f"training.micro_batch_size={micro}",
+                    "training.max_steps=3",
+                    "training.eval_every=100",
+                )
+            )
+        )
         losses.append([json.loads(r)["loss"] for r in (out / "log.jsonl").read_text().splitlines() if '"loss"' in r])
     assert losses[0] == pytest.approx(losses[1], abs=2e-4)
 
@@ -280,14 +326,24 @@ def test_resume_refuses_changed_batch_settings(trained, corpus_dir, tmp_path):
     out = tmp_path / "changed"
     shutil.copytree(trained[0] / "checkpoints", out / "checkpoints")
     with pytest.raises(RecipeError, match="step_tokens was 256, now 512"):
-        pretrain.train(load(pretrain_args(corpus_dir, out, "resume=true", "training.global_batch_tokens=512",
-                                          "training.max_steps=40")))
+        pretrain.train(
+            load(
+                pretrain_args(
+                    corpus_dir, out, "resume=true", "training.global_batch_tokens=512", "training.max_steps=40"
+                )
+            )
+        )
 
 
 def _run(argv: list[str]) -> subprocess.Popen:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.Popen([sys.executable, str(REPO / "finetune" / "pretrain.py"), *argv], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, str(REPO / "finetune" / "pretrain.py"), *argv],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def test_a_run_killed_mid_training_resumes_to_the_same_loss_and_weights(corpus_dir, tmp_path):
@@ -329,16 +385,29 @@ def test_continued_pretraining_lowers_japanese_loss_and_records_its_lineage(trai
 
     base, _ = trained
     out = tmp_path / "cpt"
-    cfg = load(["recipe=cpt-ja", f"model.base={base}",
-                f"data.corpora=[{{name: ja, path: '{corpus_dir / 'ja.jsonl'}', weight: 0.8}}, "
-                f"{{name: en, path: '{corpus_dir / 'en'}', weight: 0.2}}]",
-                "data.seq_len=32", "data.val_fraction=0.1", f"data.cache_dir={base.parent / 'cache'}",
-                f"training.output_dir={out}", "training.micro_batch_size=4", "training.global_batch_tokens=256",
-                "training.max_steps=40", "training.learning_rate=2e-3", "training.warmup_steps=2",
-                "training.eval_every=100", "training.eval_blocks=8"])
+    cfg = load(
+        [
+            "recipe=cpt-ja",
+            f"model.base={base}",
+            f"data.corpora=[{{name: ja, path: '{corpus_dir / 'ja.jsonl'}', weight: 0.8}}, "
+            f"{{name: en, path: '{corpus_dir / 'en'}', weight: 0.2}}]",
+            "data.seq_len=32",
+            "data.val_fraction=0.1",
+            f"data.cache_dir={base.parent / 'cache'}",
+            f"training.output_dir={out}",
+            "training.micro_batch_size=4",
+            "training.global_batch_tokens=256",
+            "training.max_steps=40",
+            "training.learning_rate=2e-3",
+            "training.warmup_steps=2",
+            "training.eval_every=100",
+            "training.eval_blocks=8",
+        ]
+    )
     metrics = pretrain.train(cfg)
     assert metrics["initial_val"]["val_loss/ja"] == pytest.approx(
-        json.loads((base / "metrics.json").read_text())["final_val"]["val_loss/ja"], abs=1e-4)  # starts at the base
+        json.loads((base / "metrics.json").read_text())["final_val"]["val_loss/ja"], abs=1e-4
+    )  # starts at the base
     assert metrics["final_val"]["val_loss/ja"] < metrics["initial_val"]["val_loss/ja"] - 0.1
     lineage = json.loads((out / "lineage.json").read_text())
     assert lineage["base"] == str(base) and lineage["base_lineage"]["tokens_seen"] == 32 * 256
@@ -348,10 +417,18 @@ def test_continued_pretraining_lowers_japanese_loss_and_records_its_lineage(trai
 
 def test_cli_reports_a_missing_corpus_in_one_line(tmp_path):
     proc = subprocess.run(
-        [sys.executable, str(REPO / "finetune" / "pretrain.py"), "recipe=pretrain-tiny",
-         f"data.corpora=[{{name: ja, path: '{tmp_path}/man/ja/man*/*', format: man}}]",
-         f"data.cache_dir={tmp_path}/cache", f"training.output_dir={tmp_path}/out"],
-        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        [
+            sys.executable,
+            str(REPO / "finetune" / "pretrain.py"),
+            "recipe=pretrain-tiny",
+            f"data.corpora=[{{name: ja, path: '{tmp_path}/man/ja/man*/*', format: man}}]",
+            f"data.cache_dir={tmp_path}/cache",
+            f"training.output_dir={tmp_path}/out",
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: corpus 'ja': no files at")
     assert "Traceback" not in proc.stderr
@@ -363,13 +440,18 @@ def test_an_sft_recipe_given_to_pretrain_says_which_script_it_is_for():
 
 
 def test_fine_tuning_before_the_base_is_pretrained_says_what_to_run(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "finetune.sft", "recipe=quickstart",
-                           f"training.output_dir={tmp_path}/out"], capture_output=True, text=True, cwd=tmp_path,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    proc = subprocess.run(
+        [sys.executable, "-m", "finetune.sft", "recipe=quickstart", f"training.output_dir={tmp_path}/out"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == (
         "error: no tokenizer in 'outputs/pretrain-tiny' yet: it is what "
-        "`accelerate launch finetune/pretrain.py recipe=pretrain-tiny` writes; run that first")
+        "`accelerate launch finetune/pretrain.py recipe=pretrain-tiny` writes; run that first"
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -25,17 +25,34 @@ from finetune.recipe import DataConfig, DatasetSpec
 
 from .conftest import REPO
 
-SINGLE = {"turns": [{"role": "user", "content": "Name a colour.", "input": "sky"},
-                    {"role": "assistant", "content": "Blue."}]}
-MULTI = {"turns": [{"role": "system", "content": "Be brief."},
-                   {"role": "user", "content": "こんにちは"}, {"role": "assistant", "content": "はい。"},
-                   {"role": "user", "content": "Again?"}, {"role": "assistant", "content": "Yes."}]}
-SEAM = {"turns": [{"role": "user", "content": "2.5トンは何キログラムですか？"},
-                  {"role": "assistant", "content": "4.2キロ"},
-                  {"role": "user", "content": "And in English?"}, {"role": "assistant", "content": "The answer."}]}
+SINGLE = {
+    "turns": [{"role": "user", "content": "Name a colour.", "input": "sky"}, {"role": "assistant", "content": "Blue."}]
+}
+MULTI = {
+    "turns": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "こんにちは"},
+        {"role": "assistant", "content": "はい。"},
+        {"role": "user", "content": "Again?"},
+        {"role": "assistant", "content": "Yes."},
+    ]
+}
+SEAM = {
+    "turns": [
+        {"role": "user", "content": "2.5トンは何キログラムですか？"},
+        {"role": "assistant", "content": "4.2キロ"},
+        {"role": "user", "content": "And in English?"},
+        {"role": "assistant", "content": "The answer."},
+    ]
+}
 
-BUNDLED = [("alpaca_en.jsonl", "alpaca"), ("messages_en.jsonl", "messages"), ("dolly_ja.jsonl", "dolly"),
-           ("conversations_ja.jsonl", "conversations"), ("alpaca_ja.csv", "alpaca")]
+BUNDLED = [
+    ("alpaca_en.jsonl", "alpaca"),
+    ("messages_en.jsonl", "messages"),
+    ("dolly_ja.jsonl", "dolly"),
+    ("conversations_ja.jsonl", "conversations"),
+    ("alpaca_ja.csv", "alpaca"),
+]
 
 
 def bundled(name, fmt):
@@ -62,8 +79,9 @@ def rendered_text(example, style, tokenizer, system_prompt=None):
     messages = example["turns"]
     if style == "chat_template" and system_prompt and messages[0]["role"] != "system":
         messages = [{"role": "system", "content": system_prompt}, *messages]
-    return tokenizer.apply_chat_template(messages, tokenize=False,
-                                         chat_template=saved_chat_template(style, system_prompt, tokenizer))
+    return tokenizer.apply_chat_template(
+        messages, tokenize=False, chat_template=saved_chat_template(style, system_prompt, tokenizer)
+    )
 
 
 SOURCES = ["crafted", *BUNDLED]
@@ -90,7 +108,8 @@ def test_training_ids_are_the_rendered_text_encoded_whole_with_bos_and_eos_by_id
 @pytest.mark.parametrize("style", STYLES)
 @pytest.mark.parametrize("source", SOURCES, ids=lambda s: s if s == "crafted" else s[0])
 def test_learned_ids_decode_to_exactly_each_response_and_eos_and_prompts_are_the_training_prefix(
-        tokenizer, style, source):
+    tokenizer, style, source
+):
     suffix = "<|im_end|>" if style in ("chatml", "chat_template") else ""  # the bases' template is ChatML
     for example in examples_of(source):
         row = encode(example, style, tokenizer)
@@ -125,17 +144,18 @@ def test_sentencepiece_learns_what_the_text_says_not_a_dummy_prefix(sp_tokenizer
 @pytest.mark.parametrize("style", ["alpaca", "alpaca-ja", "chatml"])
 def test_saved_chat_template_gives_the_training_ids_on_a_byte_level_tokenizer(bpe_tokenizer, style):
     for example in [SINGLE, MULTI, *bundled("conversations_ja.jsonl", "conversations")[:5]]:
-        ids = bpe_tokenizer.apply_chat_template(example["turns"], tokenize=True, return_dict=False,
-                                                chat_template=chat_template(style))
+        ids = bpe_tokenizer.apply_chat_template(
+            example["turns"], tokenize=True, return_dict=False, chat_template=chat_template(style)
+        )
         assert list(ids) == encode(example, style, bpe_tokenizer)["input_ids"]
 
 
 def test_saved_template_carries_the_system_prompt_and_drops_generation_marks(tokenizer):
-    template = saved_chat_template("chatml", "あなたは誠実で\"優秀\"です。", tokenizer)
+    template = saved_chat_template("chatml", 'あなたは誠実で"優秀"です。', tokenizer)
     assert "generation" not in template
     text = tokenizer.apply_chat_template(SINGLE["turns"], tokenize=False, chat_template=template)
     assert text.startswith('<s><|im_start|>system\nあなたは誠実で"優秀"です。<|im_end|>\n<|im_start|>user\n')
-    row = encode(SINGLE, "chatml", tokenizer, "あなたは誠実で\"優秀\"です。")
+    row = encode(SINGLE, "chatml", tokenizer, 'あなたは誠実で"優秀"です。')
     # (from after BOS: SentencePiece decodes a document's dummy prefix as a space unless it starts the sequence)
     assert tokenizer.decode(row["input_ids"][1:]) == text.removeprefix(tokenizer.bos_token)
     # alpaca: a system prompt replaces the preamble
@@ -170,8 +190,12 @@ def test_llama2_is_metas_layout_one_bos_document_per_exchange(tokenizer):
 
 
 def test_special_token_text_in_a_record_stays_text(tokenizer):
-    example = {"turns": [{"role": "user", "content": "Strike <s>this</s> out"},
-                         {"role": "assistant", "content": "Use </s> to end it."}]}
+    example = {
+        "turns": [
+            {"role": "user", "content": "Strike <s>this</s> out"},
+            {"role": "assistant", "content": "Use </s> to end it."},
+        ]
+    }
     row = encode(example, "alpaca", tokenizer)
     assert row["input_ids"].count(tokenizer.eos_token_id) == 1 and row["input_ids"][-1] == tokenizer.eos_token_id
     assert row["input_ids"].count(tokenizer.bos_token_id) == 1
@@ -179,8 +203,10 @@ def test_special_token_text_in_a_record_stays_text(tokenizer):
 
 def test_a_template_that_never_ends_with_eos_still_teaches_the_model_to_stop(tokenizer, caplog):
     plain = copy.deepcopy(tokenizer)
-    plain.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-                           "{% if add_generation_prompt %}assistant: {% endif %}")
+    plain.chat_template = (
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant: {% endif %}"
+    )
     prompts._warned.clear()  # it warns once per process
     with caplog.at_level(logging.WARNING):
         row = encode(MULTI, "chat_template", plain)
@@ -191,13 +217,19 @@ def test_a_template_that_never_ends_with_eos_still_teaches_the_model_to_stop(tok
 
 def test_a_response_starting_inside_a_prompt_token_is_counted(bpe_tokenizer):
     plain = copy.deepcopy(bpe_tokenizer)  # "assistant: " + "The answer": " The" is one byte-level token
-    plain.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}</s>\n{% endfor %}"
-                           "{% if add_generation_prompt %}assistant: {% endif %}")
+    plain.chat_template = (
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}</s>\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant: {% endif %}"
+    )
     cfg = DataConfig(datasets=[DatasetSpec("x.jsonl")], prompt_style="chat_template")
     example = {"turns": [{"role": "user", "content": "Again?"}, {"role": "assistant", "content": "The answer."}]}
     assert tokenize_examples([example], cfg, plain)[1]["seam_tokens"] == 1
-    assert "seam_tokens" not in tokenize_examples([example], DataConfig(datasets=[DatasetSpec("x.jsonl")],
-                                                                        prompt_style="chatml"), plain)[1]
+    assert (
+        "seam_tokens"
+        not in tokenize_examples(
+            [example], DataConfig(datasets=[DatasetSpec("x.jsonl")], prompt_style="chatml"), plain
+        )[1]
+    )
 
 
 def test_eos_stays_in_the_labels_when_pad_and_eos_share_an_id(tokenizer):
@@ -214,8 +246,10 @@ def test_eos_stays_in_the_labels_when_pad_and_eos_share_an_id(tokenizer):
 
 def test_truncation_is_counted_and_prompt_only_examples_are_reported(tokenizer):
     limit = len(encode(SINGLE, "alpaca", tokenizer)["input_ids"]) + 8
-    long_prompt = {"turns": [{"role": "user", "content": "word " * 400}, {"role": "assistant", "content": "ok"}],
-                   "origin": "dataset 'x.jsonl' record 7"}
+    long_prompt = {
+        "turns": [{"role": "user", "content": "word " * 400}, {"role": "assistant", "content": "ok"}],
+        "origin": "dataset 'x.jsonl' record 7",
+    }
     long_answer = {"turns": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "word " * 400}]}
     cfg = DataConfig(datasets=[DatasetSpec("x.jsonl")], max_length=limit)
     rows, stats = tokenize_examples([SINGLE, long_prompt, long_answer], cfg, tokenizer)
@@ -251,16 +285,20 @@ def test_show_marks_the_learned_pieces(tokenizer):
 def test_a_record_holding_the_reserved_marks_is_refused_naming_it(tokenizer):
     from finetune.errors import DataError
 
-    example = {"turns": [{"role": "user", "content": "a\ue001b"}, {"role": "assistant", "content": "ok"}],
-               "origin": "dataset 'x.jsonl' record 3"}
+    example = {
+        "turns": [{"role": "user", "content": "a\ue001b"}, {"role": "assistant", "content": "ok"}],
+        "origin": "dataset 'x.jsonl' record 3",
+    }
     with pytest.raises(DataError, match="dataset 'x.jsonl' record 3: the text holds the private-use character"):
         encode_many([example], "alpaca", tokenizer)
 
 
 # --- a tokenizer's own chat template (prompt_style: chat_template) -----------------------------------------
 
-CHATML_PLAIN = ("{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-                "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+CHATML_PLAIN = (
+    "{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
 
 def with_template(tokenizer, template):
@@ -285,19 +323,31 @@ def test_own_template_prompts_end_with_the_assistant_header_and_are_the_training
 
 
 def test_own_template_without_eos_gets_one_eos_per_response_in_the_right_place(tokenizer):
-    glued = with_template(tokenizer, "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}<user>"
-                                     "{{ m['content'] }}</user>{% else %}{{ m['content'] }}{% endif %}{% endfor %}")
-    example = {"turns": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"},
-                         {"role": "user", "content": "Again"}, {"role": "assistant", "content": "Sure"}]}
+    glued = with_template(
+        tokenizer,
+        "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}<user>"
+        "{{ m['content'] }}</user>{% else %}{{ m['content'] }}{% endif %}{% endfor %}",
+    )
+    example = {
+        "turns": [
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Yo"},
+            {"role": "user", "content": "Again"},
+            {"role": "assistant", "content": "Sure"},
+        ]
+    }
     row = encode(example, "chat_template", glued)
     assert [tokenizer.decode(r) for r in learned_runs(row)] == ["Yo</s>", "Sure</s>"]
     assert row["input_ids"].count(tokenizer.eos_token_id) == 2
 
 
 def test_eos_the_template_writes_after_the_response_is_learned_not_doubled(tokenizer):
-    marked = with_template(tokenizer, "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}Q: "
-                                      "{{ m['content'] }}\nA: {% else %}{% generation %}{{ m['content'] }}"
-                                      "{% endgeneration %}{{ eos_token }}\n{% endif %}{% endfor %}")
+    marked = with_template(
+        tokenizer,
+        "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}Q: "
+        "{{ m['content'] }}\nA: {% else %}{% generation %}{{ m['content'] }}"
+        "{% endgeneration %}{{ eos_token }}\n{% endif %}{% endfor %}",
+    )
     row = encode({"turns": MULTI["turns"][1:]}, "chat_template", marked)
     assert [tokenizer.decode(r) for r in learned_runs(row)] == ["はい。</s>", "Yes.</s>"]
     assert row["input_ids"].count(tokenizer.eos_token_id) == 2
@@ -317,8 +367,9 @@ def test_own_template_saved_with_the_system_prompt_renders_it(tokenizer):
 
 def test_a_system_prompt_that_mentions_generation_tags_is_saved_verbatim(tokenizer):
     prompt = "Write {% generation %} literally, and a back\\slash."
-    text = tokenizer.apply_chat_template(SINGLE["turns"], tokenize=False,
-                                         chat_template=saved_chat_template("chatml", prompt, tokenizer))
+    text = tokenizer.apply_chat_template(
+        SINGLE["turns"], tokenize=False, chat_template=saved_chat_template("chatml", prompt, tokenizer)
+    )
     assert f"<|im_start|>system\n{prompt}<|im_end|>" in text
 
 
@@ -336,8 +387,10 @@ def test_an_eos_straddled_by_a_token_is_tokenised_in_pieces_without_a_dummy_pref
 
 def test_an_empty_text_is_bos_and_a_learned_eos(tokenizer):
     row = encode({"text": ""}, "alpaca", tokenizer)
-    assert row == {"input_ids": [tokenizer.bos_token_id, tokenizer.eos_token_id],
-                   "labels": [IGNORE, tokenizer.eos_token_id]}
+    assert row == {
+        "input_ids": [tokenizer.bos_token_id, tokenizer.eos_token_id],
+        "labels": [IGNORE, tokenizer.eos_token_id],
+    }
 
 
 def test_chatml_markers_that_are_special_tokens_stay_whole_and_records_naming_them_are_counted(bpe_tokenizer):
@@ -352,9 +405,12 @@ def test_chatml_markers_that_are_special_tokens_stay_whole_and_records_naming_th
 
 
 def test_an_own_template_that_refuses_a_system_role_trains_records_without_one(tokenizer):
-    strict = with_template(tokenizer, "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}"
-                                      "{{ raise_exception('System role not supported') }}{% endif %}"
-                                      "{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]{% else %}"
-                                      "{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}")
+    strict = with_template(
+        tokenizer,
+        "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}"
+        "{{ raise_exception('System role not supported') }}{% endif %}"
+        "{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]{% else %}"
+        "{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}",
+    )
     row = encode(SINGLE, "chat_template", strict)
     assert [tokenizer.decode(r).strip() for r in learned_runs(row)] == ["Blue.</s>"]

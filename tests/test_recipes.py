@@ -54,8 +54,15 @@ def test_inheritance_changes_only_what_the_child_sets():
 
 
 def test_overrides_reach_nested_keys_and_list_items():
-    cfg, _ = recipe.load(["recipe=quickstart", "training.learning_rate=1e-4", "data.datasets.0.max_samples=5",
-                          "lora.target_modules=[q_proj,v_proj]", "~training.eval_steps"])
+    cfg, _ = recipe.load(
+        [
+            "recipe=quickstart",
+            "training.learning_rate=1e-4",
+            "data.datasets.0.max_samples=5",
+            "lora.target_modules=[q_proj,v_proj]",
+            "~training.eval_steps",
+        ]
+    )
     assert cfg.training.learning_rate == pytest.approx(1e-4)
     assert cfg.data.datasets[0].max_samples == 5
     assert cfg.lora.target_modules == ["q_proj", "v_proj"]
@@ -100,17 +107,28 @@ def test_a_recipe_file_path_works(tmp_path):
 
 def test_printed_recipe_round_trips_into_the_schema():
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    out = subprocess.run([sys.executable, "-m", "finetune.sft", "recipe=alpaca-qlora", "lora.r=8", "print_recipe=true"],
-                         capture_output=True, text=True, env=env, cwd=REPO, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "finetune.sft", "recipe=alpaca-qlora", "lora.r=8", "print_recipe=true"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        check=True,
+    ).stdout
     cfg = recipe.build(SFTRecipe, yaml.safe_load(out))
     assert cfg.lora.r == 8 and cfg.quantization.load_in_4bit and cfg.print_recipe
 
 
 def accelerate_launch(*args, **env):
     accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
-    return subprocess.run([accelerate, "launch", "--num_processes", "1", "finetune/sft.py", *args],
-                          capture_output=True, text=True, cwd=REPO, timeout=300,
-                          env=dict(os.environ, HF_HUB_OFFLINE="1", **env))
+    return subprocess.run(
+        [accelerate, "launch", "--num_processes", "1", "finetune/sft.py", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+        env=dict(os.environ, HF_HUB_OFFLINE="1", **env),
+    )
 
 
 def test_typo_through_accelerate_launch_is_one_clear_line():
@@ -123,8 +141,14 @@ def test_typo_through_accelerate_launch_is_one_clear_line():
 def test_unreachable_hub_switches_to_the_cache_and_fails_fast(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
     env["HF_ENDPOINT"] = "http://127.0.0.1:9"  # loopback, nothing listens: as unreachable as an offline machine
-    proc = subprocess.run([sys.executable, "-m", "finetune.sft", "recipe=alpaca", f"training.output_dir={tmp_path}"],
-                          capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "finetune.sft", "recipe=alpaca", f"training.output_dir={tmp_path}"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert "Hub is unreachable; using the local cache only" in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("error: could not load")

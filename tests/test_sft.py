@@ -57,13 +57,30 @@ def test_sentencepiece_base_trains_and_saves_the_chat_template_of_its_style(micr
 
     out = tmp_path / "sp"
     system = "あなたは誠実で優秀な日本人のアシスタントです。"
-    chats = write_jsonl(tmp_path / "chats.jsonl", [{"conversations": [
-        {"from": "human", "value": f"{i}は何ですか？"}, {"from": "gpt", "value": f"{i}は数字です。"},
-        {"from": "human", "value": "ほかには？"}, {"from": "gpt", "value": f"{i + 1}も数字です。"}]}
-        for i in range(48)])
-    cfg = sft_recipe(micro_base_sp, chats, out, f"data.datasets=[{{path: '{chats}', format: conversations}}]",
-                     "data.prompt_style=llama2", f"data.system_prompt='{system}'", "data.nfkc=true",
-                     "training.max_steps=12")
+    chats = write_jsonl(
+        tmp_path / "chats.jsonl",
+        [
+            {
+                "conversations": [
+                    {"from": "human", "value": f"{i}は何ですか？"},
+                    {"from": "gpt", "value": f"{i}は数字です。"},
+                    {"from": "human", "value": "ほかには？"},
+                    {"from": "gpt", "value": f"{i + 1}も数字です。"},
+                ]
+            }
+            for i in range(48)
+        ],
+    )
+    cfg = sft_recipe(
+        micro_base_sp,
+        chats,
+        out,
+        f"data.datasets=[{{path: '{chats}', format: conversations}}]",
+        "data.prompt_style=llama2",
+        f"data.system_prompt='{system}'",
+        "data.nfkc=true",
+        "training.max_steps=12",
+    )
     trainer, _ = sft.train(cfg)
     assert_loss_falls(logged_losses(trainer))
     saved = AutoTokenizer.from_pretrained(out)
@@ -76,16 +93,24 @@ def test_sentencepiece_base_trains_and_saves_the_chat_template_of_its_style(micr
     assert run_cfg.data.nfkc and run_cfg.data.system_prompt == system
     ids = prompt_ids([{"role": "user", "content": "ＡＢＣ？"}], "llama2", tokenizer, system, nfkc=True)
     assert ids == prompt_ids([{"role": "user", "content": "ABC?"}], "llama2", tokenizer, system)
-    assert generate.generate(model, tokenizer, run_cfg, "ＡＢＣ？", max_new_tokens=4) == \
-        generate.generate(model, tokenizer, run_cfg, "ABC?", max_new_tokens=4)
+    assert generate.generate(model, tokenizer, run_cfg, "ＡＢＣ？", max_new_tokens=4) == generate.generate(
+        model, tokenizer, run_cfg, "ABC?", max_new_tokens=4
+    )
 
 
 def test_print_example_shows_each_dataset_as_trained_and_trains_nothing(micro_base_sp, tmp_path, capsys):
     data = REPO / "data"
-    sft.main(["recipe=quickstart", f"model.name_or_path={micro_base_sp}", "print_example=true",
-              f"training.output_dir={tmp_path / 'never'}", "data.prompt_style=alpaca-ja",
-              f"data.datasets=[{{path: '{data / 'dolly_ja.jsonl'}', format: dolly}}, "
-              f"{{path: '{data / 'alpaca_en.jsonl'}', format: alpaca}}]"])
+    sft.main(
+        [
+            "recipe=quickstart",
+            f"model.name_or_path={micro_base_sp}",
+            "print_example=true",
+            f"training.output_dir={tmp_path / 'never'}",
+            "data.prompt_style=alpaca-ja",
+            f"data.datasets=[{{path: '{data / 'dolly_ja.jsonl'}', format: dolly}}, "
+            f"{{path: '{data / 'alpaca_en.jsonl'}', format: alpaca}}]",
+        ]
+    )
     shown = capsys.readouterr().out
     assert shown.count("=== dataset") == 2 and "dolly_ja.jsonl', record 0 (format dolly" in shown
     assert "### 応答:\n再帰関数とは" in shown  # the rendered text
@@ -97,8 +122,9 @@ def test_print_example_shows_each_dataset_as_trained_and_trains_nothing(micro_ba
 def test_qlora_loss_falls_on_a_4bit_base(micro_base, alpaca_file, tmp_path):
     import bitsandbytes as bnb
 
-    trainer, _ = sft.train(sft_recipe(micro_base, alpaca_file, tmp_path / "q", "quantization.load_in_4bit=true",
-                                      "training.max_steps=15"))
+    trainer, _ = sft.train(
+        sft_recipe(micro_base, alpaca_file, tmp_path / "q", "quantization.load_in_4bit=true", "training.max_steps=15")
+    )
     linear4bit = [m for m in trainer.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert linear4bit and linear4bit[0].weight.quant_type == "nf4"
     assert_loss_falls(logged_losses(trainer))
@@ -106,13 +132,22 @@ def test_qlora_loss_falls_on_a_4bit_base(micro_base, alpaca_file, tmp_path):
 
 
 def test_full_fine_tuning_and_merged_adapter(micro_base, alpaca_file, tmp_path):
-    trainer, _ = sft.train(sft_recipe(micro_base, alpaca_file, tmp_path / "f", "lora.method=full",
-                                      "training.max_steps=6", "training.learning_rate=1e-3"))
+    trainer, _ = sft.train(
+        sft_recipe(
+            micro_base,
+            alpaca_file,
+            tmp_path / "f",
+            "lora.method=full",
+            "training.max_steps=6",
+            "training.learning_rate=1e-3",
+        )
+    )
     assert logged_losses(trainer)[-1] < logged_losses(trainer)[0]
     assert (tmp_path / "f" / "model.safetensors").is_file()
 
-    trainer, _ = sft.train(sft_recipe(micro_base, alpaca_file, tmp_path / "m", "training.max_steps=4",
-                                      "training.merge_adapter=true"))
+    trainer, _ = sft.train(
+        sft_recipe(micro_base, alpaca_file, tmp_path / "m", "training.max_steps=4", "training.merge_adapter=true")
+    )
     from transformers import AutoModelForCausalLM
 
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "m" / "merged")
@@ -151,8 +186,11 @@ def test_packed_batch_gives_the_same_loss_as_unpacked(micro_base, bpe_tokenizer,
     from trl import SFTConfig
 
     trainer = sft.make_trainer_class()(
-        model=model, processing_class=tokenizer, train_dataset=datasets.Dataset.from_list(rows),
-        args=SFTConfig(output_dir=str(tmp_path), report_to="none", bf16=False, use_cpu=True))
+        model=model,
+        processing_class=tokenizer,
+        train_dataset=datasets.Dataset.from_list(rows),
+        args=SFTConfig(output_dir=str(tmp_path), report_to="none", bf16=False, use_cpu=True),
+    )
     with torch.no_grad():
         loss_padded = trainer.compute_loss(model, dict(padded))
         loss_packed = trainer.compute_loss(model, dict(packed))
@@ -199,14 +237,24 @@ def test_existing_checkpoints_are_never_overwritten_without_resume(micro_base, a
 
 
 def run_cli(*args, cwd=REPO):
-    return subprocess.run([sys.executable, "-m", "finetune.sft", *args], capture_output=True, text=True, cwd=cwd,
-                          env=dict(os.environ, HF_HUB_OFFLINE="1"), timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "finetune.sft", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=dict(os.environ, HF_HUB_OFFLINE="1"),
+        timeout=300,
+    )
 
 
 def test_malformed_record_fails_through_the_cli_naming_index_and_field(micro_base, tmp_path):
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"instruction": "a", "output": "b"}, {"instruction": "c"}])
-    proc = run_cli("recipe=quickstart", f"model.name_or_path={micro_base}",
-                   f"data.datasets=[{{path: '{bad}', format: alpaca}}]", f"training.output_dir={tmp_path / 'o'}")
+    proc = run_cli(
+        "recipe=quickstart",
+        f"model.name_or_path={micro_base}",
+        f"data.datasets=[{{path: '{bad}', format: alpaca}}]",
+        f"training.output_dir={tmp_path / 'o'}",
+    )
     assert proc.returncode == 2
     assert "bad.jsonl': record 1 has no 'output'" in proc.stderr and "Traceback" not in proc.stderr
 
@@ -214,8 +262,12 @@ def test_malformed_record_fails_through_the_cli_naming_index_and_field(micro_bas
 def test_empty_dataset_fails_through_the_cli(micro_base, tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    proc = run_cli("recipe=quickstart", f"model.name_or_path={micro_base}",
-                   f"data.datasets=[{{path: '{empty}', format: alpaca}}]", f"training.output_dir={tmp_path / 'o'}")
+    proc = run_cli(
+        "recipe=quickstart",
+        f"model.name_or_path={micro_base}",
+        f"data.datasets=[{{path: '{empty}', format: alpaca}}]",
+        f"training.output_dir={tmp_path / 'o'}",
+    )
     assert proc.returncode == 2 and "empty.jsonl" in proc.stderr and "Traceback" not in proc.stderr
 
 
@@ -230,8 +282,9 @@ def test_lora_switches_reach_peft():
 
 
 def test_dora_trains(micro_base, alpaca_file, tmp_path):
-    trainer, _ = sft.train(sft_recipe(micro_base, alpaca_file, tmp_path / "d", "lora.use_dora=true",
-                                      "training.max_steps=4"))
+    trainer, _ = sft.train(
+        sft_recipe(micro_base, alpaca_file, tmp_path / "d", "lora.use_dora=true", "training.max_steps=4")
+    )
     assert any("lora_magnitude_vector" in n for n, _ in trainer.model.named_parameters())
     assert logged_losses(trainer)[-1] < logged_losses(trainer)[0]
 
@@ -239,9 +292,17 @@ def test_dora_trains(micro_base, alpaca_file, tmp_path):
 def test_micro_batch_times_accumulation_gives_the_same_curve(micro_base, alpaca_file, tmp_path):
     runs = {}
     for micro, accum in ((4, 1), (2, 2), (1, 4)):
-        trainer, _ = sft.train(sft_recipe(micro_base, alpaca_file, tmp_path / f"{micro}x{accum}",
-                                          "training.max_steps=4", f"training.micro_batch_size={micro}",
-                                          f"training.gradient_accumulation_steps={accum}", "data.max_length=256"))
+        trainer, _ = sft.train(
+            sft_recipe(
+                micro_base,
+                alpaca_file,
+                tmp_path / f"{micro}x{accum}",
+                "training.max_steps=4",
+                f"training.micro_batch_size={micro}",
+                f"training.gradient_accumulation_steps={accum}",
+                "data.max_length=256",
+            )
+        )
         runs[(micro, accum)] = logged_losses(trainer)
     reference = runs[(4, 1)]
     for key, losses in runs.items():
