@@ -36,10 +36,11 @@ def baseline(argv: list[str], steps: int, skip: int, result: Path) -> None:
     import torch
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
-    from finetune import corpus, pretrain, recipe
-    from finetune.throughput import mfu, peak_memory_gb, train_flops_per_token
+    from finetune import config, corpus, pretrain
+    from finetune.config.pretrain import PretrainRecipe
+    from finetune.throughput import flops_per_token, mfu, peak_memory_gb
 
-    cfg = recipe.load(argv, recipe.PretrainRecipe)[0]
+    cfg = config.load(argv, PretrainRecipe)[0]
     t = cfg.training
     corpora = corpus.prepare(cfg.data, cfg.tokenizer, cfg.tokenizer.name_or_path or cfg.model.base)
     model = pretrain.load_base(cfg, corpora.tokenizer) if cfg.model.base else pretrain.new_model(cfg, corpora.tokenizer)
@@ -104,7 +105,7 @@ def baseline(argv: list[str], steps: int, skip: int, result: Path) -> None:
         json.dumps(
             {
                 "tokens_per_s": tokens_per_s,
-                "mfu": mfu(tokens_per_s, train_flops_per_token(model, cfg.data.seq_len)),
+                "mfu": mfu(tokens_per_s, flops_per_token(model, cfg.data.seq_len)),
                 "peak_mem_gb": peak_memory_gb(),
                 "step_tokens": step_tokens,
                 "first_loss": losses[0],

@@ -35,7 +35,7 @@ def run(name: str, out: Path, model: str, steps: int, max_length: int, extra: li
         f"training.output_dir={out / name}",
         f"training.max_steps={steps}",
         "training.report_to=[]",
-        "training.save_steps=100000",
+        "training.save_every=100000",
         *extra,
     ]
     proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))

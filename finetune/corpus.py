@@ -31,8 +31,9 @@ from pathlib import Path
 
 import numpy as np
 
+from finetune.config.pretrain import CorpusConfig, CorpusSpec, TokenizerConfig
 from finetune.errors import DataError, HubUnreachableError
-from finetune.recipe import CorpusConfig, CorpusSpec, TokenizerConfig
+from finetune.offline import is_hub_id
 
 log = logging.getLogger(__name__)
 
@@ -49,17 +50,6 @@ VERSION = 1  # part of every cache key: bump it when what a cache holds changes
 # ----------------------------------------------------------------------------------------------------------
 # Documents
 # ----------------------------------------------------------------------------------------------------------
-
-
-def is_hub_id(path: str) -> bool:
-    known = TEXT_SUFFIXES | RECORD_SUFFIXES | {".gz"}
-    return (
-        not Path(path).expanduser().exists()
-        and not glob.has_magic(path)
-        and not path.startswith((".", "/", "~"))
-        and Path(path).suffix.lower() not in known
-        and re.fullmatch(r"[\w.-]+/[\w.-]+", path) is not None
-    )
 
 
 def local_files(spec: CorpusSpec) -> list[Path]:
@@ -179,7 +169,7 @@ def _records(spec: CorpusSpec, file: Path, name: str) -> Iterator[tuple[str, str
 def _hub_documents(spec: CorpusSpec) -> Iterator[tuple[str, str]]:
     import datasets
 
-    from finetune.hub import hub_message
+    from finetune.offline import hub_message
 
     try:
         stream = datasets.load_dataset(
@@ -359,7 +349,7 @@ def train_tokenizer(text_dirs: dict[str, Path], weights: dict[str, float], cfg: 
     training text, shared by weight; cached."""
     from transformers import AutoTokenizer
 
-    from finetune.tiny_base import train_tokenizer as train_bpe
+    from finetune.tokenizer import train_bpe
 
     total = sum(weights.values())
     budgets = {n: int(cfg.train_chars * w / total) for n, w in weights.items() if w > 0}
@@ -538,7 +528,7 @@ def prepare(cfg: CorpusConfig, tok_cfg: TokenizerConfig, tokenizer_source: str |
         tokenizer = from_pretrained("tokenizer", tokenizer_source, AutoTokenizer.from_pretrained)
         tokenizer = with_eos_and_pad(tokenizer, tokenizer_source)
     if tokenizer.chat_template is None:  # so `prompt_style: chat_template` works on the model we train
-        from finetune.tiny_base import CHAT_TEMPLATE
+        from finetune.tokenizer import CHAT_TEMPLATE
 
         tokenizer.chat_template = CHAT_TEMPLATE
         log.info("tokenizer %s has no chat template: the output gets ChatML's", tokenizer_source)

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import yaml
 
-from finetune import recipe as recipes
+from finetune import config
+from finetune.config.sft import SFTRecipe
 from finetune.errors import RecipeError, run_cli
-from finetune.recipe import SFTRecipe
 
 
 def load(run_dir: str | Path):
@@ -31,7 +31,7 @@ def load(run_dir: str | Path):
     recipe_file = run_dir / "recipe.yaml"
     if not recipe_file.is_file():
         raise RecipeError(f"{run_dir} has no recipe.yaml: is it the output_dir of a finetune/sft.py run?")
-    cfg = recipes.build(SFTRecipe, yaml.safe_load(recipe_file.read_text(encoding="utf-8")))
+    cfg = config.build(SFTRecipe, yaml.safe_load(recipe_file.read_text(encoding="utf-8")))
     tokenizer = AutoTokenizer.from_pretrained(run_dir)
     if (run_dir / "adapter_config.json").exists():
         model = PeftModel.from_pretrained(modeling.load_model(cfg.model, cfg.quantization), run_dir)

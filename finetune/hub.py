@@ -1,53 +1,23 @@
-"""Hub reachability: fail (or fall back to the local cache) in seconds, not after every file's time-out."""
+"""Pushing a run's output folder to the Hugging Face Hub (`hub.push_to_hub=true hub.model_id=me/name`).
+Whether the Hub can be reached, and which names are Hub IDs, is finetune/offline.py."""
 
 from __future__ import annotations
 
 import logging
-import os
-import socket
-import sys
-from urllib.parse import urlparse
+from pathlib import Path
+
+from finetune.config.shared import HubConfig
 
 log = logging.getLogger(__name__)
 
-PROBE_TIMEOUT_S = 3.0
+# Kept out of the upload: resumable training state, TensorBoard logs, the merged copy (its own repo if wanted).
+NOT_UPLOADED = ["checkpoint-*", "runs/*", "merged/*"]
 
 
-def hub_message(what: str, error: Exception) -> str:
-    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return (
-        f"could not load {what} from the Hugging Face Hub ({type(error).__name__}: {first}). "
-        "If this machine is offline, point the recipe at local copies, e.g. "
-        "model.name_or_path=/path/to/llama-folder 'data.datasets=[{path: /path/to/data.jsonl, format: alpaca}]', "
-        "or run the offline recipe: recipe=quickstart"
-    )
+def push(hub: HubConfig, out: Path) -> None:
+    from huggingface_hub import HfApi
 
-
-def reachable() -> bool:
-    """Can a TCP connection to the Hub endpoint be opened? Behind a proxy we can't tell, so we assume yes."""
-    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return True
-    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    try:
-        socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=PROBE_TIMEOUT_S).close()
-        return True
-    except OSError:
-        return False
-
-
-def go_offline_if_unreachable(hub_ids: list[str]) -> None:
-    """If the run names Hub IDs and the Hub can't be reached, re-run this process with HF_HUB_OFFLINE=1.
-
-    Offline mode makes transformers and datasets read the local cache (so cached models still load) and
-    fail at once where nothing is cached, instead of retrying every file for about a minute. Re-running is
-    the only reliable switch: both libraries read the flag once, at import time.
-    """
-    from huggingface_hub import constants  # reads HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE as the libraries do
-
-    if not hub_ids or constants.HF_HUB_OFFLINE or reachable():
-        return
-    log.warning(
-        "the Hugging Face Hub is unreachable; using the local cache only (HF_HUB_OFFLINE=1) for %s", ", ".join(hub_ids)
-    )
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
+    api = HfApi()
+    api.create_repo(hub.model_id, private=hub.private, exist_ok=True)
+    api.upload_folder(repo_id=hub.model_id, folder_path=str(out), ignore_patterns=NOT_UPLOADED)
+    log.info("pushed %s to https://huggingface.co/%s", out, hub.model_id)

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import torch
 
+from finetune.config.shared import LoraConfig, ModelConfig, QuantizationConfig
 from finetune.errors import HubUnreachableError, RecipeError
-from finetune.hub import hub_message
-from finetune.recipe import LoraConfig, ModelConfig, QuantizationConfig
+from finetune.offline import hub_message
 
 log = logging.getLogger(__name__)
 
@@ -34,29 +34,33 @@ PACKING_ATTENTION = {"sdpa", "eager", "flash_attention_2", "flash_attention_3", 
 def resolve(name_or_path: str) -> str:
     """`builtin:NAME` -> the folder of that built-in base (built on first use); anything else unchanged."""
     if name_or_path.startswith("builtin:"):
-        from finetune import tiny_base
+        from finetune import builtin
 
-        return str(tiny_base.ensure(name_or_path.split(":", 1)[1]))
+        return str(builtin.ensure(name_or_path.split(":", 1)[1]))
     return name_or_path
 
 
+def resolve_precision(precision: str) -> str:
+    """The one rule for `auto`, in every stage: bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU."""
+    if precision == "auto":
+        if torch.cuda.is_available():
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "fp32"
+    if precision == "fp16" and not torch.cuda.is_available():
+        raise RecipeError("training.precision=fp16 needs a GPU; use fp32 or bf16 on CPU")
+    return precision
+
+
 def auto_dtype(name: str) -> torch.dtype:
-    if name != "auto":
-        return DTYPES[name]
-    if torch.cuda.is_available():
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
+    """A dtype key (`auto`, `float32`, `bfloat16`, `float16`): `auto` follows resolve_precision."""
+    if name == "auto":
+        return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[resolve_precision("auto")]
+    return DTYPES[name]
 
 
 def precision_flags(precision: str) -> dict:
-    """TrainingArguments' bf16/fp16 flags. auto: bf16 or fp16 on GPU, fp32 on CPU."""
-    if precision == "auto":
-        if torch.cuda.is_available():
-            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        else:
-            precision = "fp32"
-    if precision == "fp16" and not torch.cuda.is_available():
-        raise RecipeError("training.precision=fp16 needs a GPU; use fp32 or bf16 on CPU")
+    """TrainingArguments' bf16/fp16 flags."""
+    precision = resolve_precision(precision)
     return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
 
 
@@ -66,7 +70,7 @@ def from_pretrained(what: str, name: str, loader, **kwargs):
     except (OSError, ValueError) as e:
         if Path(name).exists():
             raise RecipeError(f"could not load {what} from {name}: {e}") from None
-        from finetune.recipe import recipe_writing
+        from finetune.config import recipe_writing
 
         if made_by := recipe_writing(name):
             raise RecipeError(

@@ -5,7 +5,7 @@ One CPU, offline (English + Japanese manual pages from Debian's packages, a 7M-p
 Continued pretraining on Japanese, from that base or any LLaMA (`model.base=meta-llama/Llama-2-7b-hf`):
     accelerate launch finetune/pretrain.py recipe=cpt-ja
 One GPU:
-    accelerate launch --config_file recipes/accelerate/single_gpu.yaml finetune/pretrain.py recipe=pretrain-160m
+    accelerate launch --config_file recipes/accelerate/single_gpu.yaml finetune/pretrain.py recipe=pretrain-120m
 Many GPUs (FSDP), TinyLlama 1.1B:
     accelerate launch --config_file recipes/accelerate/fsdp.yaml finetune/pretrain.py recipe=tinyllama-1b
 
@@ -25,66 +25,44 @@ from __future__ import annotations
 import json
 import logging
 import math
-import re
 import shutil
 import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
 
-from finetune import recipe as recipes
+from finetune import config
+from finetune.config.pretrain import PretrainRecipe
 from finetune.errors import RecipeError, run_cli
-from finetune.recipe import PretrainRecipe
 
 log = logging.getLogger("finetune.pretrain")
 
 
 def main(argv: list[str]) -> dict:
-    cfg, recipe_file = recipes.load(argv, PretrainRecipe)
+    cfg, recipe_file = config.load(argv, PretrainRecipe)
     if cfg.print_recipe:
-        print(recipes.to_yaml(cfg), end="")
+        print(config.to_yaml(cfg), end="")
         return {}
-    from finetune.corpus import is_hub_id
-    from finetune.hub import go_offline_if_unreachable
+    from finetune.offline import go_offline_if_unreachable, is_hub_id
 
     names = [cfg.model.base or "", cfg.tokenizer.name_or_path or ""] + [c.path for c in cfg.data.corpora]
-    go_offline_if_unreachable([n for n in names if n and is_hub_id(n)])
+    go_offline_if_unreachable([n for n in names if is_hub_id(n)])
     return train(cfg, recipe_file)
 
 
 class RunState:
-    """What a checkpoint needs besides weights, optimiser, scheduler and RNG: progress, and the settings that
-    must not change on resume (they decide which blocks each step reads)."""
+    """What a checkpoint needs besides weights, optimiser, scheduler, RNG and the data position: progress. (Settings
+    that must not change on resume are checked against the checkpoint's recipe by checkpoints.start.)"""
 
-    def __init__(self, fingerprint: dict):
-        self.step, self.tokens, self.loss, self.initial_val, self.fingerprint = 0, 0, None, {}, fingerprint
+    def __init__(self):
+        self.step, self.tokens, self.loss, self.initial_val = 0, 0, None, {}
 
     def state_dict(self) -> dict:
-        return {
-            "step": self.step,
-            "tokens": self.tokens,
-            "loss": self.loss,
-            "initial_val": self.initial_val,
-            "fingerprint": self.fingerprint,
-        }
+        return {"step": self.step, "tokens": self.tokens, "loss": self.loss, "initial_val": self.initial_val}
 
     def load_state_dict(self, state: dict) -> None:
-        changed = {
-            k: (v, self.fingerprint.get(k)) for k, v in state["fingerprint"].items() if self.fingerprint.get(k) != v
-        }
-        if changed:
-            raise RecipeError(
-                "resume=true: the checkpoint was written with other data or batch settings, so it "
-                "can't continue exactly: " + "; ".join(f"{k} was {a}, now {b}" for k, (a, b) in changed.items())
-            )
         self.step, self.tokens, self.loss = state["step"], state["tokens"], state["loss"]
         self.initial_val = state["initial_val"]
-
-
-def checkpoints(folder: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (one is renamed into place only once fully written)."""
-    found = [(int(m.group(1)), d) for d in folder.glob("step-*") if (m := re.fullmatch(r"step-(\d+)", d.name))]
-    return [d for _, d in sorted(found)]
 
 
 def batch_shape(cfg: PretrainRecipe, world: int) -> tuple[int, int]:
@@ -194,24 +172,6 @@ def evaluate(model, corpora, cfg: PretrainRecipe, accelerator) -> dict:
     return out
 
 
-def save_checkpoint(accelerator, folder: Path, step: int, keep: int) -> None:
-    """accelerate's save_state into a hidden temporary folder, renamed into place when complete: a run killed
-    mid-save leaves the previous checkpoint intact and no half-written one that resume could pick up."""
-    final, tmp = folder / f"step-{step:08d}", folder / f".step-{step:08d}.tmp"
-    if accelerator.is_main_process and tmp.exists():
-        shutil.rmtree(tmp)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-        for old in checkpoints(folder)[:-keep]:
-            shutil.rmtree(old)
-    accelerator.wait_for_everyone()
-
-
 def save_model(accelerator, model, tokenizer, out: Path, extra: dict[str, dict]) -> None:
     """The final model + tokenizer + JSON files into `out`, each file moved into place, config.json last, so a
     folder with a config.json always holds a whole model."""
@@ -236,13 +196,12 @@ def train(cfg: PretrainRecipe, recipe_file: Path | None = None) -> dict:
     from accelerate.utils import DistributedType, set_seed
     from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
-    from finetune import corpus, throughput
-    from finetune.throughput import mfu, peak_memory_gb, train_flops_per_token
+    from finetune import checkpoints, corpus, throughput
+    from finetune.modeling import resolve_precision
+    from finetune.throughput import mfu, peak_memory_gb
 
     t = cfg.training
-    precision = t.precision
-    if precision == "auto":
-        precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+    precision = resolve_precision(t.precision)
     accelerator = Accelerator(mixed_precision="no" if precision == "fp32" else precision)
     logging.basicConfig(
         level=logging.INFO if accelerator.is_main_process else logging.WARNING,
@@ -253,17 +212,12 @@ def train(cfg: PretrainRecipe, recipe_file: Path | None = None) -> dict:
     if accelerator.num_processes == 1:
         throughput.warn_if_cpu_threads_capped(log)
     out = Path(t.output_dir)
-    ckpt_dir = out / "checkpoints"
-    found = checkpoints(ckpt_dir)
-    latest = found[-1] if found else None
-    if latest and not cfg.resume:
-        raise RecipeError(
-            f"{out} already holds checkpoints (newest: {latest.name}): add resume=true to continue "
-            "that run, or choose another training.output_dir"
-        )
+    recipe = config.to_dict(cfg)
+    run_info = {"processes": accelerator.num_processes}  # with the recipe, decides which blocks each step reads
+    latest = checkpoints.start(out, cfg.resume, recipe, run_info)  # refuses before anything is overwritten
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "recipe.yaml").write_text(recipes.to_yaml(cfg), encoding="utf-8")
+        (out / "recipe.yaml").write_text(config.to_yaml(cfg), encoding="utf-8")
         log.info("recipe %s -> %s", recipe_file or "(in code)", out)
 
     # ---------------------------------------------------------------------------------------------- Data
@@ -287,7 +241,7 @@ def train(cfg: PretrainRecipe, recipe_file: Path | None = None) -> dict:
     # --------------------------------------------------------------------------------------------- Model
     set_seed(t.seed)
     model = load_base(cfg, tokenizer) if cfg.model.base else new_model(cfg, tokenizer)
-    flops_per_token = train_flops_per_token(model, seq_len)
+    flops_per_token = throughput.flops_per_token(model, seq_len)
     n_params = model.num_parameters()
     if t.gradient_checkpointing:
         model.gradient_checkpointing_enable()
@@ -335,15 +289,7 @@ def train(cfg: PretrainRecipe, recipe_file: Path | None = None) -> dict:
         optimizer, min(t.warmup_steps, total_steps - 1), total_steps, min_lr_rate=t.min_lr_ratio
     )
     mixture = corpora.mixture(cfg.data.seed)
-    state = RunState(
-        {
-            "seq_len": seq_len,
-            "step_tokens": step_tokens,
-            "micro_batch_size": micro,
-            "corpora": [[c.name, c.weight] for c in cfg.data.corpora],
-            "seed": cfg.data.seed,
-        }
-    )
+    state = RunState()
     accelerator.register_for_checkpointing(scheduler, mixture, state)
     if latest:
         accelerator.load_state(str(latest))
@@ -411,13 +357,13 @@ def train(cfg: PretrainRecipe, recipe_file: Path | None = None) -> dict:
                 row["peak_mem_gb"],
                 _short(state.tokens),
             )
-        if state.step % t.eval_every == 0 or state.step == total_steps:
+        if (t.eval_every and state.step % t.eval_every == 0) or state.step == total_steps:
             last_val = evaluate(model, corpora, cfg, accelerator)
             row.update(last_val)
             log.info("step %d | val loss %s", state.step, _val_summary(last_val, corpora.names))
         record(row)
         if state.step % t.save_every == 0 or state.step == total_steps:
-            save_checkpoint(accelerator, ckpt_dir, state.step, t.keep_checkpoints)
+            checkpoints.save_state(accelerator, out, state.step, recipe, run_info, t.keep_checkpoints)
     if last_val is state.initial_val and state.step:  # resumed at the end: evaluate what was trained
         last_val = evaluate(model, corpora, cfg, accelerator)
 

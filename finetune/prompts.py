@@ -487,7 +487,7 @@ def prompt_ids(
     if turns[-1]["role"] != "user":
         raise ValueError("the last turn of a prompt must be the user's")
     if nfkc:
-        from finetune.data import nfkc as normalise
+        from finetune.instructions import nfkc as normalise
 
         turns = normalise({"turns": turns})["turns"]
     return encode({"turns": turns}, style, tokenizer, system_prompt)["input_ids"]

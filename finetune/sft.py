@@ -23,48 +23,42 @@ import sys
 import time
 from pathlib import Path
 
-from finetune import recipe as recipes
+from finetune import config
+from finetune.config.sft import SFTRecipe
 from finetune.errors import RecipeError, run_cli
-from finetune.recipe import SFTRecipe
 
 log = logging.getLogger("finetune.sft")
 
 
 def make_trainer_class():
-    """TRL's SFTTrainer plus per-log tokens/s, MFU and peak memory, and a completion mark on checkpoints."""
+    """TRL's SFTTrainer plus tokens/s, MFU and peak memory in every log line (read from the Trainer's public state)."""
     from trl import SFTTrainer
 
-    from finetune.throughput import Throughput, mark_complete
+    from finetune.throughput import Throughput
 
     class Trainer(SFTTrainer):
-        def log(self, logs: dict, start_time: float | None = None) -> None:
-            if self.model.training and "loss" in logs:
-                if not hasattr(self, "_throughput"):
-                    self._throughput = Throughput(self.model.num_parameters(), self.accelerator.num_processes)
-                logs.update(self._throughput.update({"num_tokens": getattr(self, "_total_train_tokens", None)}))
-            super().log(logs, start_time)
+        throughput: Throughput | None = None  # set once the model is wrapped (its trainable parameters are known)
 
-        def _save_checkpoint(self, model, trial):
-            super()._save_checkpoint(model, trial)
-            if self.args.should_save:
-                mark_complete(Path(self.args.output_dir, f"checkpoint-{self.state.global_step}"))
+        def log(self, logs: dict, start_time: float | None = None) -> None:
+            if self.model.training and "loss" in logs and self.throughput is not None:
+                logs.update(self.throughput.update(self.state.num_input_tokens_seen))
+            super().log(logs, start_time)
 
     return Trainer
 
 
 def main(argv: list[str]) -> dict:
-    cfg, recipe_file = recipes.load(argv, SFTRecipe)
+    cfg, recipe_file = config.load(argv, SFTRecipe)
     if cfg.print_recipe:
-        print(recipes.to_yaml(cfg), end="")
+        print(config.to_yaml(cfg), end="")
         return {}
-    from finetune.data import is_local
-    from finetune.hub import go_offline_if_unreachable
+    from finetune.offline import go_offline_if_unreachable, is_hub_id
 
     names = [cfg.model.name_or_path, cfg.model.tokenizer or ""] + [d.path for d in cfg.data.datasets]
-    go_offline_if_unreachable([n for n in names if n and not n.startswith("builtin:") and not is_local(n)])
+    go_offline_if_unreachable([n for n in names if is_hub_id(n)])
     if cfg.print_example:
         from finetune import modeling
-        from finetune.data import preview
+        from finetune.instructions import preview
 
         print(preview(cfg.data, modeling.load_tokenizer(cfg.model)))
         return {}
@@ -82,8 +76,8 @@ def train(cfg: SFTRecipe, recipe_file: Path | None = None, callbacks: list | Non
     from accelerate import PartialState
     from trl import SFTConfig
 
-    from finetune import prompts, throughput
-    from finetune.data import load_examples
+    from finetune import checkpoints, prompts, throughput
+    from finetune.instructions import load_examples
 
     state = PartialState()
     logging.basicConfig(
@@ -95,18 +89,13 @@ def train(cfg: SFTRecipe, recipe_file: Path | None = None, callbacks: list | Non
     if state.num_processes == 1:
         throughput.warn_if_cpu_threads_capped(log)
     out = Path(cfg.training.output_dir)
-    checkpoint = throughput.latest_complete_checkpoint(out) if cfg.resume else None
-    if not cfg.resume and any(out.glob("checkpoint-*")):
-        raise RecipeError(
-            f"{out} already holds checkpoints: add resume=true to continue that run, or choose "
-            "another training.output_dir (nothing there is overwritten)"
-        )
-    if cfg.resume and checkpoint is None:
-        log.warning("resume=true but %s has no complete checkpoint: starting from step 0", out)
+    recipe = config.to_dict(cfg)
+    run_info = {"processes": state.num_processes}  # with the recipe, decides every step's batch
+    checkpoint = checkpoints.start(out, cfg.resume, recipe, run_info)  # refuses before anything is overwritten
     if state.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "recipe.yaml").write_text(recipes.to_yaml(cfg), encoding="utf-8")
-    log.info("recipe %s resolved (saved to %s):\n%s", recipe_file, out / "recipe.yaml", recipes.to_yaml(cfg))
+        (out / "recipe.yaml").write_text(config.to_yaml(cfg), encoding="utf-8")
+    log.info("recipe %s resolved (saved to %s):\n%s", recipe_file, out / "recipe.yaml", config.to_yaml(cfg))
 
     # ------------------------------------------------------------------------------------------------------
     # Model and data
@@ -140,7 +129,7 @@ def train(cfg: SFTRecipe, recipe_file: Path | None = None, callbacks: list | Non
         per_device_eval_batch_size=cfg.training.micro_batch_size,
         gradient_accumulation_steps=cfg.training.gradient_accumulation_steps,
         num_train_epochs=cfg.training.num_epochs,
-        max_steps=cfg.training.max_steps,
+        max_steps=cfg.training.max_steps or -1,
         learning_rate=cfg.training.learning_rate,
         lr_scheduler_type=cfg.training.lr_scheduler,
         warmup_steps=cfg.training.warmup_ratio,  # a float < 1 is a share of the steps
@@ -151,12 +140,14 @@ def train(cfg: SFTRecipe, recipe_file: Path | None = None, callbacks: list | Non
         activation_checkpointing=cfg.training.gradient_checkpointing,
         gradient_checkpointing=cfg.training.gradient_checkpointing,
         dataloader_pin_memory=torch.cuda.is_available(),
-        logging_steps=cfg.training.logging_steps,
+        logging_steps=cfg.training.log_every,
         logging_first_step=True,
-        eval_strategy="steps" if cfg.training.eval_steps and eval_rows else "no",
-        eval_steps=cfg.training.eval_steps,
-        save_steps=cfg.training.save_steps,
-        save_total_limit=cfg.training.save_total_limit,
+        eval_strategy="steps" if cfg.training.eval_every and eval_rows else "no",
+        eval_steps=cfg.training.eval_every,
+        save_steps=cfg.training.save_every,
+        save_total_limit=None,  # checkpoints.CheckpointCallback rotates, after the new checkpoint is complete
+        # tokens trained on, in the Trainer's state (saved with checkpoints): padding-free packing has no padding
+        include_num_input_tokens_seen="all" if packing else "non_padding",
         report_to=cfg.training.report_to or "none",
         seed=cfg.training.seed,
         data_seed=cfg.data.seed,
@@ -173,21 +164,26 @@ def train(cfg: SFTRecipe, recipe_file: Path | None = None, callbacks: list | Non
         eval_dataset=datasets.Dataset.from_list(eval_rows) if eval_rows else None,
         processing_class=tokenizer,
         peft_config=modeling.peft_config(cfg.lora),
-        callbacks=callbacks,
+        callbacks=[checkpoints.CheckpointCallback(recipe, run_info, cfg.training.keep_checkpoints), *(callbacks or [])],
     )
     trainable, total = (
         sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
         sum(p.numel() for p in trainer.model.parameters()),
     )
     log.info("trainable parameters: %s of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+    trainer.throughput = throughput.Throughput(
+        throughput.flops_per_token(trainer.model, cfg.data.max_length), state.num_processes
+    )
 
     # ------------------------------------------------------------------------------------------------------
     # Train
     # ------------------------------------------------------------------------------------------------------
+    tokens_before = 0
     if checkpoint is not None:
         log.info("resuming from %s", checkpoint)
+        tokens_before = json.loads((checkpoint / "trainer_state.json").read_text())["num_input_tokens_seen"]
     started = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     elapsed = time.perf_counter() - started
 
     # ------------------------------------------------------------------------------------------------------
@@ -195,15 +191,15 @@ def train(cfg: SFTRecipe, recipe_file: Path | None = None, callbacks: list | Non
     # ------------------------------------------------------------------------------------------------------
     trainer.save_model(str(out))  # the adapter (or the full model), and the tokenizer
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
-    tokens = getattr(trainer, "_total_train_tokens", 0)
+    tokens = trainer.state.num_input_tokens_seen  # the whole run's, a resumed one included
     metrics = {
-        "train_loss": result.training_loss,
+        "train_loss": checkpoints.train_loss(trainer.state.log_history),  # likewise
         "first_logged_loss": losses[0] if losses else None,
         "last_logged_loss": losses[-1] if losses else None,
         "global_step": trainer.state.global_step,
         "train_runtime_s": round(elapsed, 2),
         "train_tokens": tokens,
-        "tokens_per_s": round(tokens / elapsed, 1) if elapsed else None,
+        "tokens_per_s": round((tokens - tokens_before) / elapsed, 1) if elapsed else None,  # this process's part
         "peak_mem_gb": round(throughput.peak_memory_gb(), 3),
         "peak_mem_kind": "cuda_allocated" if torch.cuda.is_available() else "cpu_max_rss",
         "trainable_params": trainable,
@@ -222,7 +218,9 @@ def train(cfg: SFTRecipe, recipe_file: Path | None = None, callbacks: list | Non
         if cfg.training.merge_adapter and cfg.lora.method == "lora":
             merge(cfg, out)
         if cfg.hub.push_to_hub:
-            push(cfg, out)
+            from finetune import hub
+
+            hub.push(cfg.hub, out)
     log.info(
         "done: train loss %.4f%s, %s tokens/s, peak memory %.2f GB; adapter in %s",
         metrics["train_loss"],
@@ -247,17 +245,6 @@ def merge(cfg: SFTRecipe, out: Path) -> Path:
     AutoTokenizer.from_pretrained(out).save_pretrained(out / "merged")  # with the run's chat template
     log.info("merged model saved to %s", out / "merged")
     return out / "merged"
-
-
-def push(cfg: SFTRecipe, out: Path) -> None:
-    from huggingface_hub import HfApi
-
-    api = HfApi()
-    api.create_repo(cfg.hub.model_id, private=cfg.hub.private, exist_ok=True)
-    api.upload_folder(
-        repo_id=cfg.hub.model_id, folder_path=str(out), ignore_patterns=["checkpoint-*", "runs/*", "merged/*"]
-    )
-    log.info("pushed %s to https://huggingface.co/%s", out, cfg.hub.model_id)
 
 
 def cli() -> None:

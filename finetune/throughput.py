@@ -1,16 +1,12 @@
-"""Speed and memory: tokens/s, MFU on GPUs, peak memory; and checkpoints that resume only when complete."""
+"""Speed and memory in every stage: tokens/s, FLOPs per token and MFU (GPUs), peak memory."""
 
 from __future__ import annotations
 
 import os
-import re
 import resource
 import time
-from pathlib import Path
 
 import torch
-
-COMPLETE = ".complete"  # written after a checkpoint's last file: a checkpoint without it is ignored on resume
 
 # Dense bf16 peak FLOP/s for MFU, by substring of torch.cuda.get_device_name().
 PEAK_FLOPS = {
@@ -65,21 +61,17 @@ def mfu(tokens_per_s: float, flops_per_token: float, world_size: int = 1) -> flo
 
 
 class Throughput:
-    """Turns the trainer's cumulative count of non-pad tokens into tokens/s (and MFU) between log calls.
+    """Turns a cumulative count of tokens (the Trainer's public `state.num_input_tokens_seen`) into tokens/s and MFU
+    between log calls."""
 
-    MFU counts 6 FLOPs per parameter per token (forward + backward, PaLM's convention), over all of the
-    model's parameters, frozen ones included, since their activations' gradients are computed.
-    """
-
-    def __init__(self, n_params: int, world_size: int = 1):
-        self.flops_per_token = 6 * n_params
+    def __init__(self, flops_per_token: int, world_size: int = 1):
+        self.flops_per_token = flops_per_token
         self.world_size = world_size
         self.last_time = time.perf_counter()
         self.last_tokens = None
 
-    def update(self, logs: dict) -> dict:
+    def update(self, tokens: int | None) -> dict:
         now = time.perf_counter()
-        tokens = logs.get("num_tokens")
         out = {"peak_mem_gb": round(peak_memory_gb(), 3)}
         if tokens is not None:
             if self.last_tokens is not None and now > self.last_time:
@@ -92,26 +84,29 @@ class Throughput:
         return out
 
 
-def train_flops_per_token(model, seq_len: int) -> int:
-    """Training FLOPs per token, as in PaLM (appendix B) and TinyLlama's MFU: 6 per parameter that takes part
-    in a matrix multiply (all but the input embedding, a lookup), plus attention's 12 x layers x hidden x
-    seq_len (scores and weighted sum, forward and backward; the causal mask is not discounted)."""
+def _numel(p) -> int:
+    """Parameters a tensor holds: a bitsandbytes 4-bit weight stores two per byte, its quant_state the true shape."""
+    quant_state = getattr(p, "quant_state", None)
+    return quant_state.shape.numel() if quant_state is not None else p.numel()
+
+
+def flops_per_token(model, seq_len: int) -> int:
+    """Training FLOPs per token, the one formula for every stage (pretraining, SFT, DPO), so their MFU compare.
+
+    PaLM's (appendix B) and TinyLlama's count, extended to frozen weights: a parameter in a matrix multiply costs 2
+    FLOPs forward and, in the backward pass, 2 for its input's gradient and 2 more for its own if it is trained:
+    6 x trainable + 4 x frozen (a LoRA base, 4-bit included). "In a matrix multiply" is every parameter but the input
+    embedding (a lookup; counted when tied to the output head). Attention adds 12 x layers x hidden x seq_len
+    (scores and weighted sum, forward and backward; the causal mask not discounted)."""
     cfg = model.config
-    params = sum(p.numel() for p in model.parameters())
-    if not cfg.tie_word_embeddings:
-        params -= model.get_input_embeddings().weight.numel()
-    return 6 * params + 12 * cfg.num_hidden_layers * cfg.hidden_size * seq_len
-
-
-def mark_complete(checkpoint_dir: str | os.PathLike) -> None:
-    Path(checkpoint_dir, COMPLETE).touch()
-
-
-def latest_complete_checkpoint(output_dir: str | os.PathLike) -> Path | None:
-    """Newest `checkpoint-N` in output_dir that finished writing, or None."""
-    found = []
-    for d in Path(output_dir).glob("checkpoint-*"):
-        m = re.fullmatch(r"checkpoint-(\d+)", d.name)
-        if m and (d / COMPLETE).exists():
-            found.append((int(m.group(1)), d))
-    return max(found)[1] if found else None
+    embedding = model.get_input_embeddings().weight
+    skip = set() if getattr(cfg, "tie_word_embeddings", False) else {id(embedding)}
+    trainable = frozen = 0
+    for p in model.parameters():
+        if id(p) in skip:
+            continue
+        if p.requires_grad:
+            trainable += _numel(p)
+        else:
+            frozen += _numel(p)
+    return 6 * trainable + 4 * frozen + 12 * cfg.num_hidden_layers * cfg.hidden_size * seq_len

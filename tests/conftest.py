@@ -16,18 +16,18 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="session")
 def micro_base(tmp_path_factory) -> Path:
     """builtin micro-llama (2 layers, hidden 64), tokenizer trained on the bundled data."""
-    from finetune import tiny_base
+    from finetune import builtin
 
-    return tiny_base.build(tmp_path_factory.mktemp("base") / "micro-llama", "micro-llama", vocab_size=1024)
+    return builtin.build(tmp_path_factory.mktemp("base") / "micro-llama", "micro-llama", vocab_size=1024)
 
 
 @pytest.fixture(scope="session")
 def micro_base_sp(tmp_path_factory) -> Path:
     """micro-llama with a LLaMA-style SentencePiece tokenizer (BPE, byte fallback, dummy prefix), as Llama 2,
     TinyLlama and ELYZA have, trained offline on the bundled data."""
-    from finetune import tiny_base
+    from finetune import builtin
 
-    return tiny_base.build(
+    return builtin.build(
         tmp_path_factory.mktemp("base-sp") / "micro-llama-sp", "micro-llama", vocab_size=3000, tokenizer="sentencepiece"
     )
 
@@ -50,7 +50,7 @@ def sp_tokenizer(micro_base_sp):
 @pytest.fixture(scope="session", params=["bpe", "sentencepiece"])
 def tokenizer(request):
     from finetune import modeling
-    from finetune.recipe import ModelConfig
+    from finetune.config.shared import ModelConfig
 
     base = request.getfixturevalue("micro_base" if request.param == "bpe" else "micro_base_sp")
     return modeling.load_tokenizer(ModelConfig(name_or_path=str(base)))
@@ -76,7 +76,8 @@ def alpaca_file(tmp_path) -> Path:
 
 def sft_recipe(base: Path, data: Path, out: Path, *overrides: str):
     """A small, fast, deterministic SFT recipe on the micro base (fp32, CPU)."""
-    from finetune import recipe
+    from finetune import config
+    from finetune.config.sft import SFTRecipe
 
     argv = [
         "recipe=quickstart",
@@ -91,9 +92,9 @@ def sft_recipe(base: Path, data: Path, out: Path, *overrides: str):
         "training.max_steps=12",
         "training.learning_rate=5e-3",
         "training.warmup_ratio=0",
-        "training.logging_steps=1",
+        "training.log_every=1",
         "training.report_to=[]",
         "lora.dropout=0.0",
         *overrides,
     ]
-    return recipe.load(argv)[0]
+    return config.load(argv, SFTRecipe)[0]

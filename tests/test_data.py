@@ -6,9 +6,9 @@ import logging
 
 import pytest
 
-from finetune.data import load_examples, to_example
+from finetune.config.sft import DataConfig, DatasetSpec
 from finetune.errors import DataError
-from finetune.recipe import DataConfig, DatasetSpec
+from finetune.instructions import load_examples, to_example
 
 from .conftest import REPO, write_jsonl
 

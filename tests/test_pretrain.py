@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 import torch
 
-from finetune import corpus, recipe
+from finetune import checkpoints, config, corpus
+from finetune.builtin import bundled_texts
+from finetune.config.pretrain import CorpusConfig, CorpusSpec, PretrainRecipe, TokenizerConfig
 from finetune.errors import DataError, RecipeError
-from finetune.recipe import CorpusConfig, CorpusSpec, PretrainRecipe, TokenizerConfig
-from finetune.tiny_base import bundled_texts
 
 from .conftest import REPO, write_jsonl
 
@@ -66,7 +66,7 @@ def pretrain_args(corpus_dir: Path, out: Path, *overrides: str) -> list[str]:
 
 
 def load(argv: list[str]) -> PretrainRecipe:
-    return recipe.load(argv, PretrainRecipe)[0]
+    return config.load(argv, PretrainRecipe)[0]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -233,7 +233,7 @@ def test_mfu_counts_tinyllamas_flops():
     """TinyLlama reports 24k tokens/s per A100-40G at 56% MFU: our FLOP count must give the same."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from finetune.throughput import train_flops_per_token
+    from finetune.throughput import flops_per_token
 
     cfg = load(["recipe=tinyllama-1b"])
     config = LlamaConfig(
@@ -247,9 +247,33 @@ def test_mfu_counts_tinyllamas_flops():
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
     assert 1.0e9 < model.num_parameters() < 1.2e9
-    mfu = 24_000 * train_flops_per_token(model, cfg.data.seq_len) / 312e12
+    mfu = 24_000 * flops_per_token(model, cfg.data.seq_len) / 312e12
     assert mfu == pytest.approx(0.56, abs=0.01)
     assert cfg.training.global_batch_tokens == 2**21 and cfg.data.seq_len == 2048
+
+
+def test_one_flops_formula_counts_trained_weights_at_six_and_frozen_at_four():
+    """SFT's LoRA (a frozen base) and pretraining (all trained) count with the same formula, so their MFU compare."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from finetune.throughput import flops_per_token
+
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    )
+    matmul = model.num_parameters() - 64 * 32  # all but the input embedding (a lookup)
+    attention = 12 * 2 * 32 * 128
+    assert flops_per_token(model, 128) == 6 * matmul + attention
+    model.requires_grad_(False)
+    model.lm_head.requires_grad_(True)
+    assert flops_per_token(model, 128) == 6 * 64 * 32 + 4 * (matmul - 64 * 32) + attention
 
 
 @pytest.fixture(scope="module")
@@ -286,7 +310,7 @@ def test_pretraining_lowers_validation_loss_and_writes_a_loadable_model(trained)
     assert lineage["base"] is None and lineage["steps"] == 32
     assert lineage["tokens_seen"] == 32 * 256 == sum(c["tokens_seen"] for c in lineage["corpora"])
     assert [c["name"] for c in lineage["corpora"]] == ["en", "ja"]
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000024", "step-00000032"]
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-24", "checkpoint-32"]
 
 
 def test_gradient_accumulation_gives_the_same_step_as_one_big_batch(corpus_dir, tmp_path):
@@ -324,8 +348,8 @@ def test_resume_refuses_changed_batch_settings(trained, corpus_dir, tmp_path):
     from finetune import pretrain
 
     out = tmp_path / "changed"
-    shutil.copytree(trained[0] / "checkpoints", out / "checkpoints")
-    with pytest.raises(RecipeError, match="step_tokens was 256, now 512"):
+    shutil.copytree(trained[0] / "checkpoint-32", out / "checkpoint-32")
+    with pytest.raises(RecipeError, match="training.global_batch_tokens was 256, now 512"):
         pretrain.train(
             load(
                 pretrain_args(
@@ -356,18 +380,18 @@ def test_a_run_killed_mid_training_resumes_to_the_same_loss_and_weights(corpus_d
     killed = tmp_path / "killed"
     proc = _run(pretrain_args(corpus_dir, killed, *steps))
     deadline = time.time() + 120
-    while not (killed / "checkpoints" / "step-00000010").exists() and proc.poll() is None and time.time() < deadline:
+    while not (killed / "checkpoint-10").exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (killed / "config.json").exists(), "the run finished before it could be killed"
-    done = sorted(p.name for p in (killed / "checkpoints").glob("step-*"))
-    assert done and done[-1] < "step-00000040"
+    done = [p.name for p in checkpoints.complete(killed)]
+    assert done and int(done[-1].split("-")[1]) < 40
 
     resumed = _run(pretrain_args(corpus_dir, killed, *steps, "resume=true"))
     output = resumed.communicate()[0]
     assert resumed.returncode == 0, output
-    assert f"resumed from {killed / 'checkpoints' / done[-1]}" in output
+    assert f"resumed from {killed / done[-1]}" in output
 
     a, b = json.loads((straight / "metrics.json").read_text()), json.loads((killed / "metrics.json").read_text())
     assert b["final_train_loss"] == pytest.approx(a["final_train_loss"], abs=1e-5)
@@ -435,7 +459,9 @@ def test_cli_reports_a_missing_corpus_in_one_line(tmp_path):
 
 
 def test_an_sft_recipe_given_to_pretrain_says_which_script_it_is_for():
-    with pytest.raises(RecipeError, match=r"this recipe is for finetune/sft\.py"):
+    with pytest.raises(
+        RecipeError, match=r"'quickstart' is a recipe of the sft stage .*finetune/sft\.py recipe=quickstart"
+    ):
         load(["recipe=quickstart"])
 
 

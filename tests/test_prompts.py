@@ -9,7 +9,8 @@ import logging
 import pytest
 
 from finetune import prompts
-from finetune.data import load_examples
+from finetune.config.sft import DataConfig, DatasetSpec
+from finetune.instructions import load_examples
 from finetune.prompts import (
     IGNORE,
     STYLES,
@@ -21,7 +22,6 @@ from finetune.prompts import (
     show,
     tokenize_examples,
 )
-from finetune.recipe import DataConfig, DatasetSpec
 
 from .conftest import REPO
 

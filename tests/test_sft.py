@@ -9,9 +9,9 @@ import sys
 import pytest
 import torch
 
-from finetune import generate, sft
+from finetune import checkpoints, generate, sft
+from finetune.checkpoints import COMPLETE
 from finetune.errors import RecipeError
-from finetune.throughput import COMPLETE, latest_complete_checkpoint
 
 from .conftest import REPO, sft_recipe, write_jsonl
 
@@ -52,7 +52,7 @@ def test_sentencepiece_base_trains_and_saves_the_chat_template_of_its_style(micr
     renders the trained text, and generation's prompt is the training prefix, NFKC-normalised as in training."""
     from transformers import AutoTokenizer
 
-    from finetune.data import load_examples
+    from finetune.instructions import load_examples
     from finetune.prompts import encode, prompt_ids
 
     out = tmp_path / "sp"
@@ -163,9 +163,9 @@ def test_packed_batch_gives_the_same_loss_as_unpacked(micro_base, bpe_tokenizer,
     from trl.data_utils import pack_dataset
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-    from finetune.data import load_examples
+    from finetune.config.sft import DataConfig, DatasetSpec
+    from finetune.instructions import load_examples
     from finetune.prompts import tokenize_examples
-    from finetune.recipe import DataConfig, DatasetSpec
 
     tokenizer = bpe_tokenizer
     cfg = DataConfig(datasets=[DatasetSpec(str(alpaca_file), "alpaca")], max_length=256)
@@ -214,25 +214,92 @@ class StopAt:
         return _Stop()
 
 
-def test_resumed_run_ends_at_the_same_step_and_loss(micro_base, alpaca_file, tmp_path):
-    whole, _ = sft.train(sft_recipe(micro_base, alpaca_file, tmp_path / "whole", "training.save_steps=4"))
+def test_resumed_run_ends_at_the_same_step_loss_weights_and_metrics(micro_base, alpaca_file, tmp_path):
+    whole, whole_metrics = sft.train(sft_recipe(micro_base, alpaca_file, tmp_path / "whole", "training.save_every=4"))
     out = tmp_path / "split"
-    first, _ = sft.train(sft_recipe(micro_base, alpaca_file, out, "training.save_steps=4"), callbacks=[StopAt(6)])
-    assert first.state.global_step == 6 and latest_complete_checkpoint(out).name == "checkpoint-4"
+    first, _ = sft.train(sft_recipe(micro_base, alpaca_file, out, "training.save_every=4"), callbacks=[StopAt(6)])
+    assert first.state.global_step == 6 and checkpoints.latest(out).name == "checkpoint-4"
     (out / "checkpoint-8").mkdir()  # a checkpoint a crash left half-written: no completion mark, so ignored
-    resumed, _ = sft.train(sft_recipe(micro_base, alpaca_file, out, "training.save_steps=4", "resume=true"))
+    resumed, metrics = sft.train(sft_recipe(micro_base, alpaca_file, out, "training.save_every=4", "resume=true"))
     assert resumed.state.global_step == whole.state.global_step == 12
     assert logged_losses(resumed)[-1] == pytest.approx(logged_losses(whole)[-1], rel=1e-4)
     a, b = whole.model.state_dict(), resumed.model.state_dict()
     for k in a:
         if "lora" in k:
             assert torch.allclose(a[k], b[k], atol=1e-5), k
+    # metrics.json speaks for the whole run, not for the part after the resume
+    assert metrics["train_tokens"] == whole_metrics["train_tokens"] > 0
+    assert metrics["train_loss"] == pytest.approx(whole_metrics["train_loss"], abs=1e-5)
+    assert metrics["global_step"] == 12
+    assert json.loads((out / "metrics.json").read_text())["train_loss"] == metrics["train_loss"]
+    # and the uninterrupted run's train loss is the Trainer's own mean over its steps
+    assert whole_metrics["train_loss"] == pytest.approx(sum(logged_losses(whole)) / 12, abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    "change",
+    ["training.learning_rate=1e-3", "training.micro_batch_size=2", "data.max_length=256", "data.datasets.0.weight=2.0"],
+)
+def test_resume_with_other_data_or_batch_settings_is_refused_naming_the_key(micro_base, alpaca_file, tmp_path, change):
+    out = tmp_path / "run"
+    sft.train(sft_recipe(micro_base, alpaca_file, out, "training.save_every=4", "training.max_steps=4"))
+    saved = (out / "recipe.yaml").read_text()
+    key = change.partition("=")[0]
+    with pytest.raises(RecipeError, match=rf"checkpoint-4 was written with other settings.*{key} was "):
+        sft.train(
+            sft_recipe(
+                micro_base, alpaca_file, out, "training.save_every=4", "training.max_steps=4", "resume=true", change
+            )
+        )
+    assert (out / "recipe.yaml").read_text() == saved  # the run's recipe is not overwritten by the refused one
+
+
+def test_logging_and_checkpoint_cadence_may_change_on_resume(micro_base, alpaca_file, tmp_path):
+    out = tmp_path / "run"
+    sft.train(sft_recipe(micro_base, alpaca_file, out, "training.save_every=4"), callbacks=[StopAt(5)])
+    trainer, _ = sft.train(
+        sft_recipe(micro_base, alpaca_file, out, "training.save_every=3", "training.log_every=2", "resume=true")
+    )
+    assert trainer.state.global_step == 12
+
+
+def test_rotation_never_leaves_zero_complete_checkpoints(micro_base, alpaca_file, tmp_path, monkeypatch):
+    """A kill between the Trainer writing checkpoint-N and its completion mark must leave the older one: rotation
+    runs only after the mark. Simulated by stopping the run at the moment the mark would be written."""
+    out = tmp_path / "run"
+    sft.train(
+        sft_recipe(micro_base, alpaca_file, out, "training.save_every=2", "training.keep_checkpoints=1"),
+        callbacks=[StopAt(2)],
+    )
+    assert [d.name for d in checkpoints.complete(out)] == ["checkpoint-2"]
+
+    class Killed(Exception):
+        pass
+
+    def killed_before_the_mark(*args, **kwargs):
+        raise Killed
+
+    monkeypatch.setattr(checkpoints, "mark_complete", killed_before_the_mark)
+    with pytest.raises(Killed):
+        sft.train(
+            sft_recipe(
+                micro_base, alpaca_file, out, "training.save_every=2", "training.keep_checkpoints=1", "resume=true"
+            )
+        )
+    assert (out / "checkpoint-4").is_dir()  # written by the Trainer, not marked
+    assert [d.name for d in checkpoints.complete(out)] == ["checkpoint-2"]  # still there to resume from
+    monkeypatch.undo()
+    trainer, _ = sft.train(
+        sft_recipe(micro_base, alpaca_file, out, "training.save_every=2", "training.keep_checkpoints=1", "resume=true")
+    )
+    assert trainer.state.global_step == 12
+    assert [d.name for d in out.glob("checkpoint-*")] == ["checkpoint-12"]  # rotated once a newer one was complete
 
 
 def test_existing_checkpoints_are_never_overwritten_without_resume(micro_base, alpaca_file, tmp_path):
     (tmp_path / "run" / "checkpoint-3").mkdir(parents=True)
     (tmp_path / "run" / "checkpoint-3" / COMPLETE).touch()
-    with pytest.raises(RecipeError, match="already holds checkpoints: add resume=true"):
+    with pytest.raises(RecipeError, match="already holds checkpoints .*add resume=true"):
         sft.train(sft_recipe(micro_base, alpaca_file, tmp_path / "run"))
 
 
@@ -272,8 +339,8 @@ def test_empty_dataset_fails_through_the_cli(micro_base, tmp_path):
 
 
 def test_lora_switches_reach_peft():
+    from finetune.config.shared import LoraConfig
     from finetune.modeling import peft_config
-    from finetune.recipe import LoraConfig
 
     cfg = peft_config(LoraConfig(r=8, alpha=16, use_dora=True, use_rslora=True, target_modules=["q_proj"]))
     assert (cfg.r, cfg.lora_alpha, cfg.use_dora, cfg.use_rslora) == (8, 16, True, True)

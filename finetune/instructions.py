@@ -15,9 +15,10 @@ import unicodedata
 from pathlib import Path
 from typing import Any
 
+from finetune.config.sft import DataConfig
+from finetune.config.shared import DatasetSpec
 from finetune.errors import DataError, HubUnreachableError
-from finetune.hub import hub_message
-from finetune.recipe import DataConfig, DatasetSpec
+from finetune.offline import hub_message, is_hub_id
 
 log = logging.getLogger(__name__)
 
@@ -55,15 +56,11 @@ def describe(spec: DatasetSpec) -> str:
     return f"dataset '{spec.path}'" + (f" (config {spec.name})" if spec.name else "")
 
 
-def is_local(path: str) -> bool:
-    return Path(path).suffix.lower() in LOCAL_BUILDERS or Path(path).exists()
-
-
 def load_raw(spec: DatasetSpec):
     """Load one spec as a `datasets.Dataset`: a local file, or a Hub dataset by ID."""
     import datasets
 
-    if is_local(spec.path):
+    if not is_hub_id(spec.path):
         path = Path(spec.path)
         if not path.is_file():
             raise DataError(f"{describe(spec)}: file not found ({path.resolve()})")

@@ -1,13 +1,13 @@
 """`builtin:tiny-llama`: a small, randomly initialised LLaMA the suite builds in a second, for tests and
-benchmarks; the byte-level BPE tokenizer training that pretraining uses too; and a LLaMA-style SentencePiece
-tokenizer (what Llama 2, TinyLlama, ELYZA and Swallow use) for testing the data layer against real LLaMA
-tokenisation offline.
+benchmarks (`builtin:micro-llama`, 2 layers, for the tests). Its tokenizer (finetune/tokenizer.py: byte-level BPE,
+or LLaMA's SentencePiece kind for testing the data layer against real LLaMA tokenisation) is trained on the bundled
+data.
 
 Its tokenizer is trained on the bundled data in `data/` (English and Japanese), so no character is ever
 unknown; the weights are freshly initialised (seeded, so every build is identical). A pretrained base comes
 from `finetune/pretrain.py` (`recipe=pretrain-tiny` on CPU), which the quickstart fine-tunes.
 
-    python -m finetune.tiny_base outputs/base/tiny-llama
+    python -m finetune.builtin outputs/base/tiny-llama
 """
 
 from __future__ import annotations
@@ -18,15 +18,12 @@ import sys
 from pathlib import Path
 
 from finetune import shipped_dir
-from finetune.prompts import chat_template
+from finetune.tokenizer import train_bpe, train_sentencepiece
 
 log = logging.getLogger(__name__)
 
 REPO_DATA = shipped_dir("data")
 DEFAULT_DIR = Path("outputs/base/tiny-llama")
-
-# The chatml style's template, so `prompt_style: chat_template` works on the built-in bases too.
-CHAT_TEMPLATE = chat_template("chatml")
 
 SIZES = {
     # hidden, intermediate, layers, heads, kv heads: TinyLlama's shape (GQA 4:1 -> here 2:1), scaled down
@@ -66,62 +63,7 @@ def bundled_texts(data_dir: Path = REPO_DATA):
             yield path.read_text(encoding="utf-8")
 
 
-def train_tokenizer(texts, vocab_size: int = 4096):
-    """Byte-level BPE with <pad>, <s>, </s>, returned as a transformers fast tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<pad>", "<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(texts, trainer)
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
-    hf.chat_template = CHAT_TEMPLATE
-    return hf
-
-
-def train_sentencepiece_tokenizer(texts, vocab_size: int = 3000):
-    """A LLaMA tokenizer trained with Meta's settings (sentencepiece BPE, byte fallback, dummy prefix `▁`, digits
-    split, no normalisation, `<unk>` `<s>` `</s>` = 0 1 2), returned as a transformers LlamaTokenizer."""
-    import tempfile
-
-    import sentencepiece as spm
-    from transformers import LlamaTokenizer
-
-    # LLaMA's corpus went in line by line, so no piece holds a newline: "\n" is the byte token <0x0A>.
-    lines = [line for text in texts for line in text.splitlines() if line.strip()]
-    with tempfile.TemporaryDirectory() as tmp:
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(lines),
-            model_prefix=f"{tmp}/tokenizer",
-            model_type="bpe",
-            vocab_size=vocab_size,
-            byte_fallback=True,
-            add_dummy_prefix=True,
-            normalization_rule_name="identity",
-            remove_extra_whitespaces=False,
-            split_digits=True,
-            allow_whitespace_only_pieces=True,
-            character_coverage=0.9995,
-            unk_id=0,
-            bos_id=1,
-            eos_id=2,
-            pad_id=-1,
-            num_threads=1,
-            minloglevel=2,
-        )
-        tokenizer = LlamaTokenizer.from_pretrained(tmp)
-    tokenizer.chat_template = CHAT_TEMPLATE
-    return tokenizer
-
-
-TOKENIZERS = {"bpe": train_tokenizer, "sentencepiece": train_sentencepiece_tokenizer}
+TOKENIZERS = {"bpe": train_bpe, "sentencepiece": train_sentencepiece}
 
 
 def build(
@@ -154,7 +96,7 @@ def build(
     (tmp / "lineage.json").write_text(
         json.dumps(
             {
-                "built_by": "finetune.tiny_base",
+                "built_by": "finetune.builtin",
                 "size": size,
                 "seed": seed,
                 "weights": "random init",
