@@ -1,5 +1,5 @@
 # make quickstart: install into .venv, pretrain a tiny LLaMA on manual pages, fine-tune it, generate; offline, CPU.
-# make test:       install the same way, then run the test suite (what CI runs).
+# make test:       install the same way, then lint (ruff check, ruff format --check) and run the test suite (what CI runs).
 VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
@@ -44,6 +44,8 @@ quickstart: install corpora
 		"日本で一番高い山は何ですか？" "Give three tips for staying healthy."
 
 test: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q
 
 bench: install corpora

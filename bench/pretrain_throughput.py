@@ -38,6 +38,7 @@ def baseline(argv: list[str], steps: int, skip: int, result: Path) -> None:
 
     from finetune import config, corpus, pretrain
     from finetune.config.pretrain import PretrainRecipe
+    from finetune.modeling import resolve_precision
     from finetune.throughput import flops_per_token, mfu, peak_memory_gb
 
     cfg = config.load(argv, PretrainRecipe)[0]
@@ -69,8 +70,7 @@ def baseline(argv: list[str], steps: int, skip: int, result: Path) -> None:
                 torch.cuda.synchronize()
             ends.append(time.perf_counter())
 
-    gpu_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    bf16 = t.precision == "bf16" or (t.precision == "auto" and gpu_bf16)
+    precision = resolve_precision(t.precision)  # the rule finetune/pretrain.py follows
     args = TrainingArguments(
         output_dir=str(result.parent / "hf"),
         per_device_train_batch_size=t.micro_batch_size,
@@ -85,7 +85,8 @@ def baseline(argv: list[str], steps: int, skip: int, result: Path) -> None:
         adam_beta2=t.betas[1],
         max_grad_norm=t.max_grad_norm,
         optim="adamw_torch_fused",
-        bf16=bf16,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
         use_cpu=not torch.cuda.is_available(),
         train_sampling_strategy="sequential",
         logging_steps=1,

@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 COMPLETE = ".complete"  # written last; holds what besides the recipe decides the run's steps (e.g. processes)
 RECIPE = "recipe.yaml"
 PATTERN = re.compile(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)")
-# Keys a resumed run may change: they decide what is logged, kept or pushed, not what is computed.
+# Keys a resumed run may change: they decide what is logged, kept or pushed, or how a step is computed.
 MAY_CHANGE = (
     "resume",
     "print_recipe",
@@ -44,6 +44,12 @@ MAY_CHANGE = (
     "training.keep_checkpoints",
     "training.report_to",
     "training.merge_adapter",
+    # how a step is computed, not what: e.g. to resume after running out of memory
+    "training.gradient_checkpointing",
+    "training.compile",
+    "training.fused_loss",
+    "model.attn_implementation",
+    "data.cache_dir",
 )
 
 
@@ -134,6 +140,12 @@ def start(output_dir: str | Path, resume: bool, recipe: dict, info: dict | None 
     folder holds another run's checkpoints without resume=true, or if the checkpoint was written under settings
     that differ from this recipe's (`info`: what else decides the steps, e.g. the number of processes)."""
     out = Path(output_dir)
+    if any((out / "checkpoints").glob("step-*")):
+        raise RecipeError(
+            f"{out}/checkpoints/ holds checkpoints of an older version of the suite (step-N), which this one can't "
+            "resume (it writes checkpoint-N): finish that run with the version that began it, or start a new one in "
+            "another training.output_dir"
+        )
     found = _step_dirs(out)
     if found and not resume:
         raise RecipeError(
@@ -142,12 +154,18 @@ def start(output_dir: str | Path, resume: bool, recipe: dict, info: dict | None 
         )
     checkpoint = latest(out) if resume else None
     if resume and checkpoint is None:
-        log.warning("resume=true but %s has no complete checkpoint: starting from step 0", out)
+        if found:  # a save a kill interrupted
+            log.warning("resume=true but %s holds no complete checkpoint: starting from step 0", out)
+        else:
+            log.info("resume=true: %s holds no checkpoint yet, so the run starts from step 0", out)
         return None
     if checkpoint is not None:
-        saved = (
-            yaml.safe_load((checkpoint / RECIPE).read_text(encoding="utf-8")) if (checkpoint / RECIPE).exists() else {}
-        )
+        if not (checkpoint / RECIPE).exists():
+            raise RecipeError(
+                f"resume=true: {checkpoint} holds no {RECIPE} (an older version wrote it), so whether this recipe "
+                "continues it can't be checked: start a new run in another training.output_dir"
+            )
+        saved = yaml.safe_load((checkpoint / RECIPE).read_text(encoding="utf-8")) or {}
         saved_info = json.loads((checkpoint / COMPLETE).read_text(encoding="utf-8") or "{}")
         changed = changed_keys(saved, recipe) + changed_keys(saved_info, info or {})
         if changed:

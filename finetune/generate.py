@@ -15,6 +15,7 @@ from pathlib import Path
 import yaml
 
 from finetune import config
+from finetune.config.checking import RENAMED
 from finetune.config.sft import SFTRecipe
 from finetune.errors import RecipeError, run_cli
 
@@ -31,7 +32,10 @@ def load(run_dir: str | Path):
     recipe_file = run_dir / "recipe.yaml"
     if not recipe_file.is_file():
         raise RecipeError(f"{run_dir} has no recipe.yaml: is it the output_dir of a finetune/sft.py run?")
-    cfg = config.build(SFTRecipe, yaml.safe_load(recipe_file.read_text(encoding="utf-8")))
+    saved = yaml.safe_load(recipe_file.read_text(encoding="utf-8")) or {}
+    training = saved.get("training") or {}  # a run saved before the knobs were renamed still loads
+    saved["training"] = {RENAMED.get(k, k): v for k, v in training.items()}
+    cfg = config.build(SFTRecipe, saved)
     tokenizer = AutoTokenizer.from_pretrained(run_dir)
     if (run_dir / "adapter_config.json").exists():
         model = PeftModel.from_pretrained(modeling.load_model(cfg.model, cfg.quantization), run_dir)

@@ -281,7 +281,11 @@ def train(cfg: PretrainRecipe, recipe_file: Path | None = None) -> dict:
     model, optimizer = accelerator.prepare(model, optimizer)
     # The fused head calls the decoder and the head's weight directly, which only a model that no wrapper
     # shards or synchronises allows (one process, not compiled); elsewhere the model's own head runs.
-    fused = t.fused_loss and accelerator.distributed_type == DistributedType.NO and not t.compile
+    # Under fp16 autocast its gradient (softmax / tokens, ~1e-9 per vocabulary entry) would underflow before the
+    # loss scaler sees it, so fp16 (GPUs without bf16) uses the model's head too.
+    fused = (
+        t.fused_loss and accelerator.distributed_type == DistributedType.NO and not t.compile and precision != "fp16"
+    )
     log.info("loss: %s", "fused output layer + cross-entropy" if fused else "the model's head, then cross-entropy")
     # The scheduler is stepped by us once per optimiser step, so it is not passed through prepare() (which
     # would step it once per process); it is still saved with the checkpoint.

@@ -199,7 +199,8 @@ def train(cfg: SFTRecipe, recipe_file: Path | None = None, callbacks: list | Non
         "global_step": trainer.state.global_step,
         "train_runtime_s": round(elapsed, 2),
         "train_tokens": tokens,
-        "tokens_per_s": round((tokens - tokens_before) / elapsed, 1) if elapsed else None,  # this process's part
+        # over the steps this run trained (after a resume, not the ones before it)
+        "tokens_per_s": round((tokens - tokens_before) / elapsed, 1) if elapsed else None,
         "peak_mem_gb": round(throughput.peak_memory_gb(), 3),
         "peak_mem_kind": "cuda_allocated" if torch.cuda.is_available() else "cpu_max_rss",
         "trainable_params": trainable,
