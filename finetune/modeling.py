@@ -76,6 +76,10 @@ def from_pretrained(what: str, name: str, loader, **kwargs):
             raise RecipeError(
                 f"no {what} in '{name}' yet: it is what `accelerate launch {made_by}` writes; run that first"
             ) from None
+        from finetune.offline import is_hub_id
+
+        if not is_hub_id(name):  # the one rule: a local path that is missing is not a Hub failure
+            raise RecipeError(f"no {what} at '{name}': that path does not exist") from None
         raise HubUnreachableError(hub_message(f"{what} '{name}'", e)) from None
 
 

@@ -95,6 +95,7 @@ def sft_recipe(base: Path, data: Path, out: Path, *overrides: str):
         "training.log_every=1",
         "training.report_to=[]",
         "lora.dropout=0.0",
+        "training.precision=fp32",  # pinned numerics: fp32 on a GPU machine too, not auto's bf16
         *overrides,
     ]
     return config.load(argv, SFTRecipe)[0]
