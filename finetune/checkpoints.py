@@ -43,6 +43,7 @@ MAY_CHANGE = (
     "training.save_every",
     "training.keep_checkpoints",
     "training.report_to",
+    "training.log_token_metrics",
     "training.merge_adapter",
     # how a step is computed, not what: e.g. to resume after running out of memory
     "training.gradient_checkpointing",

@@ -28,7 +28,8 @@ def quiet_library_warnings() -> None:
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Attention kernels that honour position-id resets, so packed examples never attend to each other
 # (transformers builds a block-diagonal mask from them for sdpa/eager; flash-attn uses cu_seqlens).
-PACKING_ATTENTION = {"sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"}
+# sdpa_segments (finetune/attention.py) runs each packed example on its own.
+PACKING_ATTENTION = {"sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention", "sdpa_segments"}
 
 
 def resolve(name_or_path: str) -> str:

@@ -31,18 +31,93 @@ log = logging.getLogger("finetune.sft")
 
 
 def make_trainer_class():
-    """TRL's SFTTrainer plus tokens/s, MFU and peak memory in every log line (read from the Trainer's public state)."""
+    """TRL's SFTTrainer with the suite's loss (only learned positions reach the output layer, see
+    fused_loss.learned_positions_loss), diagnostics on logging steps only, and tokens/s, MFU, padding share and
+    peak memory in every log line (read from the Trainer's public state)."""
+    import torch
     from trl import SFTTrainer
 
+    from finetune.fused_loss import fused_loss_unsupported, learned_positions_loss
     from finetune.throughput import Throughput
 
     class Trainer(SFTTrainer):
         throughput: Throughput | None = None  # set once the model is wrapped (its trainable parameters are known)
 
+        def __init__(self, *args, fused_loss: bool = True, token_metrics: bool = True, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.token_metrics = token_metrics
+            # Decided once: the learned-positions loss calls the decoder and the head's weight directly, which
+            # only a model that no wrapper shards or synchronises allows. Elsewhere TRL's fused LM head runs inside
+            # the wrapped forward (DDP syncs, FSDP and ZeRO-3 gather), scoring learned positions on Triton devices.
+            why_not = (
+                "training.fused_loss=false"
+                if not fused_loss
+                else f"{self.accelerator.distributed_type.value} needs the head inside the wrapped forward"
+                if self.accelerator.distributed_type.value != "NO"
+                else "fp16's softmax gradient would underflow before the loss scaler"
+                if self.args.fp16
+                else "MoE router loss"
+                if self.aux_loss_enabled
+                else fused_loss_unsupported(self.accelerator.unwrap_model(self.model))
+            )
+            self.fused = not why_not
+            self.loss_path = (
+                "output layer fused into the loss, on learned positions only"
+                if self.fused
+                else f"TRL's fused LM head inside the model's forward ({why_not})"
+            )
+            # padded positions and all positions of the padded batches trained so far, and at the last log line
+            self._padding = torch.zeros((), dtype=torch.long, device=self.args.device)
+            self._positions = 0
+            self._logged = (0, 0)
+
+        def _logs_this_step(self) -> bool:
+            """Whether the optimiser step being computed will be logged (the Trainer logs after it)."""
+            step, every = self.state.global_step + 1, self.args.logging_steps
+            return (step == 1 and self.args.logging_first_step) or step % every == 0
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if return_outputs:  # logits for compute_metrics: TRL's path builds them
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            mode = "train" if model.training else "eval"
+            if mode == "train" and "attention_mask" in inputs:  # padded batches; packed ones have no padding
+                self._padding += (inputs["attention_mask"] == 0).sum()  # summed on the device: no sync per step
+                self._positions += inputs["attention_mask"].numel()
+            stats = {} if self.token_metrics and (mode == "eval" or self._logs_this_step()) else None
+            if self.fused:
+                base = self.accelerator.unwrap_model(model)
+                loss = learned_positions_loss(base, inputs, num_items_in_batch, stats)
+            else:
+                # TRL's compute_loss, less its metrics on every micro-batch (a host sync each)
+                outputs = model(**{**inputs, "use_cache": False}, fused_lm_head=True)
+                count = outputs.label_mask.sum() if num_items_in_batch is None else num_items_in_batch
+                loss = -outputs.log_probs.sum() / torch.as_tensor(count).clamp(min=1)
+                if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                    loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+                if stats is not None:
+                    stats.update(entropy_sum=outputs.entropy.detach().sum(), top1=outputs.is_top1.sum())
+                    stats["count"] = outputs.label_mask.sum()
+            if stats:
+                gathered = self.accelerator.gather_for_metrics(
+                    torch.stack([stats["entropy_sum"].float(), stats["top1"].float(), stats["count"].float()])[None]
+                ).sum(0)
+                entropy, top1, count = gathered.tolist()
+                self._metrics[mode]["entropy"].append(entropy / count if count else 0.0)
+                self._metrics[mode]["mean_token_accuracy"].append(top1 / count if count else 0.0)
+            return loss
+
         def log(self, logs: dict, start_time: float | None = None) -> None:
             if self.model.training and "loss" in logs and self.throughput is not None:
                 logs.update(self.throughput.update(self.state.num_input_tokens_seen))
+                padding, positions = self._padding.item(), self._positions
+                if positions > self._logged[1]:
+                    logs["padding_share"] = round((padding - self._logged[0]) / (positions - self._logged[1]), 4)
+                self._logged = (padding, positions)
             super().log(logs, start_time)
+
+        def padding_share(self) -> float | None:
+            """Share of the padded batches' positions that were padding, over the run (None when packed)."""
+            return round(self._padding.item() / self._positions, 4) if self._positions else None
 
     return Trainer
 
@@ -65,8 +140,9 @@ def main(argv: list[str]) -> dict:
     return train(cfg, recipe_file)[1]
 
 
-def train(cfg: SFTRecipe, recipe_file: Path | None = None, callbacks: list | None = None):
-    """Run the recipe; return (trainer, metrics). `callbacks` are extra transformers TrainerCallbacks."""
+def train(cfg: SFTRecipe, recipe_file: Path | None = None, callbacks: list | None = None, trainer_class=None):
+    """Run the recipe; return (trainer, metrics). `callbacks` are extra transformers TrainerCallbacks;
+    `trainer_class` replaces the suite's Trainer (bench/sft_throughput.py measures TRL's own against it)."""
     from finetune import modeling
 
     modeling.quiet_library_warnings()  # before trl/peft import bitsandbytes
@@ -115,12 +191,18 @@ def train(cfg: SFTRecipe, recipe_file: Path | None = None, callbacks: list | Non
             f"data.packing=true, but attention '{model.config._attn_implementation}' of this model "
             "ignores position-id resets: packed examples would attend to each other"
         )
+    if packing and model.config._attn_implementation == "sdpa" and not torch.cuda.is_available():
+        # No variable-length kernel on the CPU: attend per packed example rather than over a masked whole row
+        from finetune import attention
+
+        model.set_attn_implementation(attention.register())
     log.info(
-        "model %s (%s parameters, %s), packing %s",
+        "model %s (%s parameters, %s), packing %s, attention %s",
         cfg.model.name_or_path,
         f"{model.num_parameters():,}",
         model.dtype,
         "on" if packing else "off",
+        model.config._attn_implementation,
     )
 
     args = SFTConfig(
@@ -148,6 +230,7 @@ def train(cfg: SFTRecipe, recipe_file: Path | None = None, callbacks: list | Non
         save_total_limit=None,  # checkpoints.CheckpointCallback rotates, after the new checkpoint is complete
         # tokens trained on, in the Trainer's state (saved with checkpoints): padding-free packing has no padding
         include_num_input_tokens_seen="all" if packing else "non_padding",
+        train_sampling_strategy="group_by_length" if cfg.data.group_by_length and not packing else "random",
         report_to=cfg.training.report_to or "none",
         seed=cfg.training.seed,
         data_seed=cfg.data.seed,
@@ -156,7 +239,7 @@ def train(cfg: SFTRecipe, recipe_file: Path | None = None, callbacks: list | Non
         packing_strategy="bfd",  # best-fit decreasing, padding-free: position ids reset per example
         **modeling.precision_flags(cfg.training.precision),
     )
-    Trainer = make_trainer_class()
+    Trainer = trainer_class or make_trainer_class()
     trainer = Trainer(
         model=model,
         args=args,
@@ -165,7 +248,10 @@ def train(cfg: SFTRecipe, recipe_file: Path | None = None, callbacks: list | Non
         processing_class=tokenizer,
         peft_config=modeling.peft_config(cfg.lora),
         callbacks=[checkpoints.CheckpointCallback(recipe, run_info, cfg.training.keep_checkpoints), *(callbacks or [])],
+        fused_loss=cfg.training.fused_loss,
+        token_metrics=cfg.training.log_token_metrics,
     )
+    log.info("loss: %s", trainer.loss_path)
     trainable, total = (
         sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
         sum(p.numel() for p in trainer.model.parameters()),
@@ -201,11 +287,18 @@ def train(cfg: SFTRecipe, recipe_file: Path | None = None, callbacks: list | Non
         "train_tokens": tokens,
         # over the steps this run trained (after a resume, not the ones before it)
         "tokens_per_s": round((tokens - tokens_before) / elapsed, 1) if elapsed else None,
+        "mfu": throughput.mfu(
+            (tokens - tokens_before) / elapsed, trainer.throughput.flops_per_token, state.num_processes
+        )
+        if elapsed
+        else None,
         "peak_mem_gb": round(throughput.peak_memory_gb(), 3),
         "peak_mem_kind": "cuda_allocated" if torch.cuda.is_available() else "cpu_max_rss",
         "trainable_params": trainable,
         "total_params": total,
         "packing": packing,
+        "padding_share": trainer.padding_share() if hasattr(trainer, "padding_share") else None,
+        "loss_path": getattr(trainer, "loss_path", None),
         "data": data_stats | {"train_rows": len(train_rows), "eval_rows": len(eval_rows)},
     }
 

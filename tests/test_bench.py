@@ -23,15 +23,22 @@ def bench(*args: str) -> str:
     return proc.stdout
 
 
-def test_sft_benchmark_runs_and_prints_its_ratios():
-    out = bench("bench/sft_throughput.py", "--model", "builtin:micro-llama", "--steps", "2", "--max-length", "128")
-    rows = {
-        line.split()[0]: line.split() for line in out.splitlines() if re.match(r"(padded|packed|packed-qlora) ", line)
-    }
-    assert set(rows) == {"padded", "packed", "packed-qlora"}, out
-    assert all(int(r[-4]) > 0 and float(r[-2]) > 0 for r in rows.values()), out  # tokens and tokens/s
-    assert re.search(r"packed/padded effective tokens/s: \d+\.\d\dx", out), out
-    assert re.search(r"QLoRA/LoRA peak memory: \d+\.\d\dx", out), out
+def test_sft_benchmark_runs_each_trainer_and_prints_its_ratios():
+    out = bench(
+        "bench/sft_throughput.py",
+        *("--model", "builtin:micro-llama", "--steps", "2", "--max-length", "128", "--bases", "qlora", "--no-warmup"),
+    )
+    rows = {tuple(line.split()[:3]): line.split() for line in out.splitlines() if re.match(r"(padded|packed) ", line)}
+    expected = {(layout, "qlora", name) for layout in ("packed", "padded") for name in ("suite", "trl", "standard")}
+    assert set(rows) == expected, out
+    assert all(int(r[3]) > 0 and float(r[4]) > 0 and float(r[6]) > 0 for r in rows.values()), out  # tokens, tok/s, GB
+    assert rows[("padded", "qlora", "suite")][7] != "-" and rows[("packed", "qlora", "suite")][7] == "-", out
+    # same batches, same weights: the three losses agree, so the ratios compare like with like
+    for layout in ("packed", "padded"):
+        losses = [float(rows[(layout, "qlora", name)][8]) for name in ("suite", "trl", "standard")]
+        assert max(losses) - min(losses) < 1e-4, out
+        for name in ("trl", "standard"):
+            assert re.search(rf"{layout} qlora vs {name}: \d+\.\d\dx tokens/s, \d+\.\d\dx peak memory", out), out
 
 
 def test_pretrain_benchmark_runs_both_loops_from_the_same_weights(corpus_dir, tmp_path):  # noqa: F811

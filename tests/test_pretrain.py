@@ -61,6 +61,7 @@ def pretrain_args(corpus_dir: Path, out: Path, *overrides: str) -> list[str]:
         "training.eval_every=16",
         "training.eval_blocks=8",
         "training.save_every=8",
+        "training.precision=fp32",  # pinned numerics: fp32 on a GPU machine too, not auto's bf16
         *overrides,
     ]
 
@@ -493,29 +494,3 @@ def test_fine_tuning_before_the_base_is_pretrained_says_what_to_run(tmp_path):
         "error: no tokenizer in 'outputs/pretrain-tiny' yet: it is what "
         "`accelerate launch finetune/pretrain.py recipe=pretrain-tiny` writes; run that first"
     )
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_the_fused_head_and_loss_match_the_unfused_ones(dtype):
-    """Same loss and gradients as logits -> cross-entropy, fp32 and under bf16 autocast, across chunk edges."""
-    import torch.nn.functional as F
-
-    from finetune.fused_loss import fused_linear_cross_entropy
-
-    torch.manual_seed(0)
-    hidden = torch.randn(37, 16, requires_grad=True)
-    weight = torch.randn(50, 16, requires_grad=True)
-    targets = torch.randint(0, 50, (37,))
-    grads = []
-    for fused in (False, True):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-            if fused:
-                loss = fused_linear_cross_entropy(hidden, weight, targets, chunk=8)
-            else:
-                loss = F.cross_entropy((hidden @ weight.T).float(), targets)
-        (loss * 3).backward()
-        grads.append((loss.detach(), hidden.grad.clone(), weight.grad.clone()))
-        hidden.grad = weight.grad = None
-    tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
-    for a, b in zip(*grads, strict=True):
-        torch.testing.assert_close(b, a, **tol)

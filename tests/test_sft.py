@@ -199,6 +199,21 @@ def test_packed_batch_gives_the_same_loss_as_unpacked(micro_base, bpe_tokenizer,
     assert loss_packed.item() == pytest.approx(loss_padded.item(), rel=1e-5, abs=1e-6)
     assert abs(loss_leaky - loss_padded) > 1e-3
 
+    # Attention per packed example (finetune/attention.py, the CPU default with packing): the same loss and gradients
+    from finetune import attention
+
+    grads = {}
+    for impl in ("sdpa", attention.register()):
+        model.set_attn_implementation(impl)
+        model.zero_grad()
+        loss = trainer.compute_loss(model, dict(packed))
+        loss.backward()
+        grads[impl] = [loss.detach()] + [p.grad.clone() for p in model.parameters()]
+    assert model.config._attn_implementation == "sdpa_segments"
+    for a, b in zip(*grads.values(), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+    assert grads["sdpa"][0].item() == pytest.approx(loss_padded.item(), rel=1e-5, abs=1e-6)
+
 
 class StopAt:
     """Stop training after `step` optimiser steps, as a killed job would (the schedule still targets max_steps)."""
@@ -222,6 +237,7 @@ PINNED_LOSSES = [6.9386, 6.7512, 6.5966, 6.5163]
 def test_pinned_losses_of_a_2_layer_fp32_lora_run(micro_base, alpaca_file, tmp_path):
     trainer, _ = sft.train(sft_recipe(micro_base, alpaca_file, tmp_path / "run", "training.max_steps=4"))
     assert logged_losses(trainer) == pytest.approx(PINNED_LOSSES, abs=1e-4)
+    assert trainer.model.config._attn_implementation == "sdpa_segments"  # packed, on the CPU
 
 
 def test_resumed_run_ends_at_the_same_step_loss_weights_and_metrics(micro_base, alpaca_file, tmp_path):
@@ -384,3 +400,92 @@ def test_micro_batch_times_accumulation_gives_the_same_curve(micro_base, alpaca_
     reference = runs[(4, 1)]
     for key, losses in runs.items():
         assert losses == pytest.approx(reference, rel=2e-4), key
+
+
+def test_the_learned_positions_loss_trains_as_trls_head_does_and_the_log_says_which(
+    micro_base, alpaca_file, tmp_path, caplog
+):
+    """The suite's loss (learned positions only) against TRL's fused LM head (every position): same curve."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="finetune.sft")
+    curves = {}
+    for fused in (True, False):
+        trainer, metrics = sft.train(
+            sft_recipe(
+                micro_base, alpaca_file, tmp_path / str(fused), "training.max_steps=4", f"training.fused_loss={fused}"
+            )
+        )
+        curves[fused] = logged_losses(trainer)
+        assert trainer.fused is fused and metrics["loss_path"] == trainer.loss_path
+    assert curves[True] == pytest.approx(curves[False], abs=1e-4)
+    assert curves[True] == pytest.approx(PINNED_LOSSES, abs=1e-4)
+    assert "loss: output layer fused into the loss, on learned positions only" in caplog.text
+    assert "loss: TRL's fused LM head inside the model's forward (training.fused_loss=false)" in caplog.text
+
+
+@pytest.mark.parametrize("token_metrics", [True, False])
+def test_entropy_and_token_accuracy_are_computed_on_logging_steps_only(
+    micro_base, alpaca_file, tmp_path, monkeypatch, token_metrics
+):
+    from finetune import fused_loss
+
+    calls = []
+    real = fused_loss.learned_positions_loss
+
+    def counting(model, inputs, num_items=None, stats=None):
+        calls.append(stats is not None)
+        return real(model, inputs, num_items, stats)
+
+    monkeypatch.setattr(fused_loss, "learned_positions_loss", counting)
+    trainer, _ = sft.train(
+        sft_recipe(
+            micro_base,
+            alpaca_file,
+            tmp_path / "run",
+            "training.max_steps=6",
+            "training.gradient_accumulation_steps=1",
+            "training.log_every=3",
+            f"training.log_token_metrics={token_metrics}",
+        )
+    )
+    logged = [e for e in trainer.state.log_history if "loss" in e]
+    assert [e["step"] for e in logged] == [1, 3, 6]  # logging_first_step, then every 3
+    if token_metrics:
+        assert calls == [True, False, True, False, False, True]  # one micro-batch per step
+        for e in logged:
+            assert 0 < e["entropy"] < 8 and 0 <= e["mean_token_accuracy"] <= 1, e
+    else:
+        assert calls == [False] * 6
+        assert not any("entropy" in e or "mean_token_accuracy" in e for e in logged)
+
+
+def test_padded_batches_log_their_padding_share_and_grouping_by_length_lowers_it(micro_base, alpaca_file, tmp_path):
+    shares = {}
+    for grouped in (False, True):
+        trainer, metrics = sft.train(
+            sft_recipe(
+                micro_base,
+                alpaca_file,
+                tmp_path / str(grouped),
+                "data.packing=false",
+                "training.max_steps=6",
+                f"data.group_by_length={grouped}",
+            )
+        )
+        logged = [e["padding_share"] for e in trainer.state.log_history if "loss" in e]
+        assert len(logged) == 6 and all(0 <= s < 1 for s in logged)
+        shares[grouped] = metrics["padding_share"]
+        assert metrics["padding_share"] == pytest.approx(sum(logged) / 6, abs=0.05)  # equal batches: about the mean
+    assert 0 < shares[True] < shares[False] / 2, shares
+    packed, metrics = sft.train(sft_recipe(micro_base, alpaca_file, tmp_path / "packed", "training.max_steps=2"))
+    assert metrics["padding_share"] is None and "padding_share" not in packed.state.log_history[0]
+
+
+def test_a_missing_local_model_path_is_named_not_reported_as_a_hub_failure(tmp_path):
+    from finetune import modeling
+    from finetune.config.shared import ModelConfig
+
+    missing = tmp_path / "models" / "llama"
+    with pytest.raises(RecipeError, match=rf"no tokenizer at '{missing}': that path does not exist"):
+        modeling.load_tokenizer(ModelConfig(name_or_path=str(missing)))

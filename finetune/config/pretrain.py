@@ -126,6 +126,7 @@ class TrainingConfig(TrainingBase):
     weight_decay: float = 0.1
     """AdamW weight decay on matrices (norm weights are not decayed)."""
     log_every: int = 1
+    """Log loss, learning rate, grad norm, tokens/s, MFU (GPU) and peak memory every N steps (a line each)."""
     eval_every: int | None = 100
     """Validation loss and perplexity (per corpus) every N steps, and before the first and after the last."""
     global_batch_tokens: int = 2**21
@@ -143,10 +144,6 @@ class TrainingConfig(TrainingBase):
     """AdamW betas (LLaMA: 0.9, 0.95)."""
     compile: bool = False
     """torch.compile the model: faster steps on GPU after a compile of a minute or two."""
-    fused_loss: bool = True
-    """Fuse the output layer into the loss, chunk by chunk: the micro_batch x seq_len x vocab logits never exist
-    (8 GiB at TinyLlama's 16 x 2048 x 32000 in fp32), ~10% faster on CPU. Applies on one process without
-    torch.compile; with DDP, FSDP or compile the model's own head runs."""
     eval_blocks: int = 32
     """Validation blocks per corpus (at most), so evaluation stays short."""
 

@@ -33,6 +33,10 @@ class DataConfig:
     packing: bool | None = None
     """Pack several examples into one sequence, position ids reset at each example so none attends to
     another. null: on where the model supports it (LLaMA and most HF decoders do)."""
+    group_by_length: bool = False
+    """Without packing: draw micro-batches of similar length (the Trainer's group_by_length: shuffled megabatches,
+    each sorted by length), so less of each batch is padding; the log gives the padding share. Changes the order
+    of examples, so losses differ from a run without it. Ignored when packing (packed batches have no padding)."""
     nfkc: bool = False
     """NFKC-normalise text (full-width ＡＢＣ -> ABC, half-width ｶﾅ -> カナ); useful for Japanese."""
     train_on_prompt: bool = False
@@ -67,6 +71,9 @@ class TrainingConfig(TrainingBase):
     """transformers optimiser name; `paged_adamw_8bit` saves memory with QLoRA on GPU."""
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
     """Loggers: tensorboard, wandb, mlflow, ... ([] for none). TensorBoard logs go to output_dir/runs."""
+    log_token_metrics: bool = True
+    """Log the entropy and top-1 accuracy of the learned tokens (TRL's `entropy`, `mean_token_accuracy`),
+    computed on logging steps and in evaluation only, so other steps pay nothing for them."""
     merge_adapter: bool = False
     """Also save the base with the adapter merged in (output_dir/merged), loadable without PEFT."""
 

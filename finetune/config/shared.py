@@ -142,6 +142,12 @@ class TrainingBase:
     """Recompute activations in the backward pass: much less memory, ~30% slower."""
     seed: int = 42
     """Seed of the RNGs the run starts with (new weights such as adapters, dropout, data order)."""
+    fused_loss: bool = True
+    """Fuse the output layer into the loss, chunk by chunk: the micro_batch x seq_len x vocab logits never exist
+    (8 GiB at TinyLlama's 16 x 2048 x 32000 in fp32). Pretraining: ~10% faster on CPU; SFT: only the positions
+    whose label is learned reach the output layer (prompt and padding never do). Applies on one process (without
+    torch.compile in pretraining, without fp16); with DDP, FSDP or DeepSpeed the head runs inside the wrapped
+    forward (SFT: TRL's fused LM head). The log says which."""
     # Logging and checkpoints
     log_every: int = 10
     """Log loss, learning rate, grad norm, tokens/s, MFU (GPU) and peak memory every N optimiser steps."""
