@@ -21,7 +21,8 @@ def segment_attention(module, query, key, value, attention_mask, dropout=0.0, sc
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     starts = kwargs.get("cu_seq_lens_q")
-    if starts is None or query.shape[0] != 1 or query.shape[2] != key.shape[2]:
+    plain = all(kwargs.get(k) is None for k in ("sliding_window", "softcap", "position_bias", "s_aux"))
+    if starts is None or not plain or query.shape[0] != 1 or query.shape[2] != key.shape[2]:
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
         )

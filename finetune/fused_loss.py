@@ -137,7 +137,8 @@ def learned_positions_loss(model, inputs: dict, num_items: int | torch.Tensor | 
     targets = inputs["labels"][:, 1:].to(hidden.device)
     learned = targets != -100
     count = learned.sum()
-    divisor = count.clamp(min=1) if num_items is None else num_items
+    # clamped: a micro-batch (or accumulation window) with nothing learned contributes a finite zero, not 0 / 0
+    divisor = (count if num_items is None else torch.as_tensor(num_items, device=count.device)).clamp(min=1)
     loss = fused_linear_cross_entropy(
         hidden[learned], lm.get_output_embeddings().weight, targets[learned], divisor=divisor, stats=stats
     )

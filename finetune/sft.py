@@ -54,6 +54,8 @@ def make_trainer_class():
                 if not fused_loss
                 else f"{self.accelerator.distributed_type.value} needs the head inside the wrapped forward"
                 if self.accelerator.distributed_type.value != "NO"
+                else f"nn.DataParallel over {self.args.n_gpu} GPUs in one process"
+                if self.args.n_gpu > 1
                 else "fp16's softmax gradient would underflow before the loss scaler"
                 if self.args.fp16
                 else "MoE router loss"
@@ -77,7 +79,7 @@ def make_trainer_class():
             return (step == 1 and self.args.logging_first_step) or step % every == 0
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            if return_outputs:  # logits for compute_metrics: TRL's path builds them
+            if return_outputs or self.aux_loss_enabled:  # logits for compute_metrics, MoE router loss: TRL's own
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             mode = "train" if model.training else "eval"
             if mode == "train" and "attention_mask" in inputs:  # padded batches; packed ones have no padding
@@ -85,8 +87,11 @@ def make_trainer_class():
                 self._positions += inputs["attention_mask"].numel()
             stats = {} if self.token_metrics and (mode == "eval" or self._logs_this_step()) else None
             if self.fused:
-                base = self.accelerator.unwrap_model(model)
-                loss = learned_positions_loss(base, inputs, num_items_in_batch, stats)
+                # accelerate's mixed precision wraps model.forward, which this path does not call: enter it here
+                with self.accelerator.autocast():
+                    loss = learned_positions_loss(
+                        self.accelerator.unwrap_model(model), inputs, num_items_in_batch, stats
+                    )
             else:
                 # TRL's compute_loss, less its metrics on every micro-batch (a host sync each)
                 outputs = model(**{**inputs, "use_cache": False}, fused_lm_head=True)
@@ -191,17 +196,32 @@ def train(cfg: SFTRecipe, recipe_file: Path | None = None, callbacks: list | Non
             f"data.packing=true, but attention '{model.config._attn_implementation}' of this model "
             "ignores position-id resets: packed examples would attend to each other"
         )
-    if packing and model.config._attn_implementation == "sdpa" and not torch.cuda.is_available():
+    padding_free = not packing and (
+        cfg.data.padding_free
+        if cfg.data.padding_free is not None
+        else modeling.supports_packing(model) and cfg.training.micro_batch_size > 1
+    )
+    if padding_free and not modeling.supports_packing(model):
+        raise RecipeError(
+            f"data.padding_free=true, but attention '{model.config._attn_implementation}' of this model "
+            "ignores position-id resets: the examples of a micro-batch would attend to each other"
+        )
+    if (
+        (packing or padding_free)
+        and model.config._attn_implementation == "sdpa"
+        and model.config.model_type == "llama"  # no sliding window, soft-capping or position bias to honour
+        and not torch.cuda.is_available()
+    ):
         # No variable-length kernel on the CPU: attend per packed example rather than over a masked whole row
         from finetune import attention
 
         model.set_attn_implementation(attention.register())
     log.info(
-        "model %s (%s parameters, %s), packing %s, attention %s",
+        "model %s (%s parameters, %s), %s, attention %s",
         cfg.model.name_or_path,
         f"{model.num_parameters():,}",
         model.dtype,
-        "on" if packing else "off",
+        "packing" if packing else "padding-free batches" if padding_free else "padded batches",
         model.config._attn_implementation,
     )
 
@@ -222,19 +242,24 @@ def train(cfg: SFTRecipe, recipe_file: Path | None = None, callbacks: list | Non
         activation_checkpointing=cfg.training.gradient_checkpointing,
         gradient_checkpointing=cfg.training.gradient_checkpointing,
         dataloader_pin_memory=torch.cuda.is_available(),
+        use_cpu=not torch.cuda.is_available(),  # without it, transformers refuses training.precision=bf16 on a CPU
         logging_steps=cfg.training.log_every,
         logging_first_step=True,
         eval_strategy="steps" if cfg.training.eval_every and eval_rows else "no",
         eval_steps=cfg.training.eval_every,
         save_steps=cfg.training.save_every,
         save_total_limit=None,  # checkpoints.CheckpointCallback rotates, after the new checkpoint is complete
-        # tokens trained on, in the Trainer's state (saved with checkpoints): padding-free packing has no padding
-        include_num_input_tokens_seen="all" if packing else "non_padding",
-        train_sampling_strategy="group_by_length" if cfg.data.group_by_length and not packing else "random",
+        # tokens trained on, in the Trainer's state (saved with checkpoints): padding-free rows have no padding
+        include_num_input_tokens_seen="all" if packing or padding_free else "non_padding",
+        train_sampling_strategy="group_by_length"
+        if cfg.data.group_by_length and not (packing or padding_free)
+        else "random",
         report_to=cfg.training.report_to or "none",
         seed=cfg.training.seed,
         data_seed=cfg.data.seed,
-        max_length=cfg.data.max_length,
+        # examples are already cut to max_length (prompts.tokenize_examples); TRL refuses it with padding_free alone
+        max_length=None if padding_free else cfg.data.max_length,
+        padding_free=padding_free,
         packing=packing,
         packing_strategy="bfd",  # best-fit decreasing, padding-free: position ids reset per example
         **modeling.precision_flags(cfg.training.precision),
@@ -297,6 +322,7 @@ def train(cfg: SFTRecipe, recipe_file: Path | None = None, callbacks: list | Non
         "trainable_params": trainable,
         "total_params": total,
         "packing": packing,
+        "padding_free": padding_free,
         "padding_share": trainer.padding_share() if hasattr(trainer, "padding_share") else None,
         "loss_path": getattr(trainer, "loss_path", None),
         "data": data_stats | {"train_rows": len(train_rows), "eval_rows": len(eval_rows)},

@@ -32,7 +32,6 @@ def test_sft_benchmark_runs_each_trainer_and_prints_its_ratios():
     expected = {(layout, "qlora", name) for layout in ("packed", "padded") for name in ("suite", "trl", "standard")}
     assert set(rows) == expected, out
     assert all(int(r[3]) > 0 and float(r[4]) > 0 and float(r[6]) > 0 for r in rows.values()), out  # tokens, tok/s, GB
-    assert rows[("padded", "qlora", "suite")][7] != "-" and rows[("packed", "qlora", "suite")][7] == "-", out
     # same batches, same weights: the three losses agree, so the ratios compare like with like
     for layout in ("packed", "padded"):
         losses = [float(rows[(layout, "qlora", name)][8]) for name in ("suite", "trl", "standard")]

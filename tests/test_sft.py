@@ -460,26 +460,32 @@ def test_entropy_and_token_accuracy_are_computed_on_logging_steps_only(
         assert not any("entropy" in e or "mean_token_accuracy" in e for e in logged)
 
 
-def test_padded_batches_log_their_padding_share_and_grouping_by_length_lowers_it(micro_base, alpaca_file, tmp_path):
-    shares = {}
-    for grouped in (False, True):
+def test_padded_batches_log_their_padding_share_grouping_lowers_it_and_padding_free_trains_alike(
+    micro_base, alpaca_file, tmp_path
+):
+    shares, curves = {}, {}
+    for name, overrides in {
+        "padded": ["data.padding_free=false"],
+        "grouped": ["data.padding_free=false", "data.group_by_length=true"],
+        "padding-free": [],  # the default without packing, micro_batch_size > 1
+    }.items():
         trainer, metrics = sft.train(
             sft_recipe(
-                micro_base,
-                alpaca_file,
-                tmp_path / str(grouped),
-                "data.packing=false",
-                "training.max_steps=6",
-                f"data.group_by_length={grouped}",
+                micro_base, alpaca_file, tmp_path / name, "data.packing=false", "training.max_steps=6", *overrides
             )
         )
-        logged = [e["padding_share"] for e in trainer.state.log_history if "loss" in e]
-        assert len(logged) == 6 and all(0 <= s < 1 for s in logged)
-        shares[grouped] = metrics["padding_share"]
-        assert metrics["padding_share"] == pytest.approx(sum(logged) / 6, abs=0.05)  # equal batches: about the mean
-    assert 0 < shares[True] < shares[False] / 2, shares
-    packed, metrics = sft.train(sft_recipe(micro_base, alpaca_file, tmp_path / "packed", "training.max_steps=2"))
-    assert metrics["padding_share"] is None and "padding_share" not in packed.state.log_history[0]
+        curves[name] = logged_losses(trainer)
+        shares[name] = metrics["padding_share"]
+        logged = [e.get("padding_share") for e in trainer.state.log_history if "loss" in e]
+        if name == "padding-free":
+            assert metrics["padding_free"] and shares[name] is None and logged == [None] * 6
+        else:
+            assert not metrics["padding_free"] and len(logged) == 6 and all(0 <= s < 1 for s in logged)
+            assert shares[name] == pytest.approx(sum(logged) / 6, abs=0.05)  # equal batches: about the mean
+    assert 0 < shares["grouped"] < shares["padded"] / 2, shares
+    # the same micro-batches joined into one row without padding: the same curve
+    assert curves["padding-free"] == pytest.approx(curves["padded"], abs=1e-4)
+    assert curves["grouped"] != pytest.approx(curves["padded"], abs=1e-4)  # another order of examples
 
 
 def test_a_missing_local_model_path_is_named_not_reported_as_a_hub_failure(tmp_path):
@@ -489,3 +495,50 @@ def test_a_missing_local_model_path_is_named_not_reported_as_a_hub_failure(tmp_p
     missing = tmp_path / "models" / "llama"
     with pytest.raises(RecipeError, match=rf"no tokenizer at '{missing}': that path does not exist"):
         modeling.load_tokenizer(ModelConfig(name_or_path=str(missing)))
+
+
+def test_packed_cpu_runs_attend_per_example_through_the_models_forward(micro_base, alpaca_file, tmp_path, monkeypatch):
+    from finetune import attention
+
+    segmented = []
+    real = attention.segment_attention
+
+    def counting(module, query, key, value, attention_mask, **kwargs):
+        segmented.append(kwargs.get("cu_seq_lens_q") is not None)
+        return real(module, query, key, value, attention_mask, **kwargs)
+
+    monkeypatch.setattr(attention, "segment_attention", counting)
+    trainer, _ = sft.train(sft_recipe(micro_base, alpaca_file, tmp_path / "run", "training.max_steps=1"))
+    assert trainer.model.config._attn_implementation == "sdpa_segments"
+    assert segmented == [True] * 2 * 4  # 2 layers x 4 micro-batches, each a packed row split per example
+
+
+def test_bf16_autocast_reaches_the_learned_positions_loss(micro_base, alpaca_file, tmp_path, monkeypatch):
+    """accelerate's mixed precision wraps model.forward, which the fused path bypasses: it must enter autocast
+    itself, so a bf16 run trains as TRL's head would (in bf16), not silently in fp32."""
+    from finetune import fused_loss
+
+    autocast = []
+    real = fused_loss.learned_positions_loss
+
+    def recording(model, inputs, num_items=None, stats=None):
+        autocast.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+        return real(model, inputs, num_items, stats)
+
+    monkeypatch.setattr(fused_loss, "learned_positions_loss", recording)
+    curves = {}
+    for fused in (True, False):
+        trainer, _ = sft.train(
+            sft_recipe(
+                micro_base,
+                alpaca_file,
+                tmp_path / str(fused),
+                "training.max_steps=3",
+                "training.precision=bf16",
+                f"training.fused_loss={fused}",
+            )
+        )
+        curves[fused] = logged_losses(trainer)
+    assert autocast == [True] * 3 * 4
+    assert curves[True] == pytest.approx(curves[False], rel=1e-2)
+    assert curves[True] != pytest.approx(PINNED_LOSSES[:3], abs=1e-4)  # bf16, not the fp32 curve

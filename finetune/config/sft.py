@@ -33,10 +33,15 @@ class DataConfig:
     packing: bool | None = None
     """Pack several examples into one sequence, position ids reset at each example so none attends to
     another. null: on where the model supports it (LLaMA and most HF decoders do)."""
+    padding_free: bool | None = None
+    """Without packing: join each micro-batch's examples into one row with no padding, position ids restarting at
+    each example so none attends to another (TRL's padding_free). The same batches and the same loss as padding
+    them, without the padding's compute. null: on where the model's attention supports it and
+    micro_batch_size > 1."""
     group_by_length: bool = False
-    """Without packing: draw micro-batches of similar length (the Trainer's group_by_length: shuffled megabatches,
-    each sorted by length), so less of each batch is padding; the log gives the padding share. Changes the order
-    of examples, so losses differ from a run without it. Ignored when packing (packed batches have no padding)."""
+    """With padded batches (packing and padding_free off): draw micro-batches of similar length (the Trainer's
+    group_by_length: shuffled megabatches, each sorted by length), so less of each batch is padding; the log gives
+    the padding share. Changes the order of examples, so losses differ from a run without it."""
     nfkc: bool = False
     """NFKC-normalise text (full-width ＡＢＣ -> ABC, half-width ｶﾅ -> カナ); useful for Japanese."""
     train_on_prompt: bool = False
