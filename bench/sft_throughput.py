@@ -33,7 +33,9 @@ REPO = Path(__file__).resolve().parent.parent
 # Alpaca-style records (recipe=alpaca's format and prompt), English and Japanese, as bundled
 DATA = "[{path: data/alpaca_en.jsonl, format: alpaca}, {path: data/dolly_ja.jsonl, format: dolly}]"
 TRAINERS = ("suite", "trl", "standard")
-LAYOUTS = ("packed", "padded")
+# padded: every contender pads its micro-batches; padding-free: each joins them into one row (TRL's padding_free,
+# the suite's default without packing), so the losses stay comparable (LoRA dropout draws masks of the batch's shape)
+LAYOUTS = ("packed", "padded", "padding-free")
 BASES = ("lora", "qlora")
 
 
@@ -82,6 +84,7 @@ def run(name: str, out: Path, args, layout: str, base: str) -> dict:
         "data.eval_size=0",
         f"data.max_length={args.max_length}",
         f"data.packing={layout == 'packed'}",
+        f"data.padding_free={layout == 'padding-free'}",
         f"training.micro_batch_size={micro}",
         f"training.output_dir={folder}",
         f"training.max_steps={args.steps}",
@@ -133,7 +136,7 @@ def main() -> None:
         f"each, medians; memory is {first['peak_mem_kind']}"
     )
     print(
-        f"{'layout':<8}{'base':<7}{'trainer':<10}{'eff. tokens':>12}{'eff. tok/s':>12}{'MFU':>7}{'peak GB':>9}"
+        f"{'layout':<13}{'base':<7}{'trainer':<10}{'eff. tokens':>12}{'eff. tok/s':>12}{'MFU':>7}{'peak GB':>9}"
         f"{'padding':>9}{'final loss':>12}{'train loss':>12}"
     )
 
@@ -147,7 +150,7 @@ def main() -> None:
             mfu = median(ms, "mfu")
             pad = median(ms, "padding_share")
             print(
-                f"{layout:<8}{base:<7}{name:<10}{ms[0]['train_tokens']:>12}{median(ms, 'tokens_per_s'):>12.1f}"
+                f"{layout:<13}{base:<7}{name:<10}{ms[0]['train_tokens']:>12}{median(ms, 'tokens_per_s'):>12.1f}"
                 f"{'-' if mfu is None else f'{mfu:.3f}':>7}{median(ms, 'peak_mem_gb'):>9.3f}"
                 f"{'-' if pad is None else f'{pad:.3f}':>9}{ms[0]['last_logged_loss']:>12.4f}"
                 f"{ms[0]['train_loss']:>12.4f}"

@@ -26,7 +26,19 @@ def bench(*args: str) -> str:
 def test_sft_benchmark_runs_each_trainer_and_prints_its_ratios():
     out = bench(
         "bench/sft_throughput.py",
-        *("--model", "builtin:micro-llama", "--steps", "2", "--max-length", "128", "--bases", "qlora", "--no-warmup"),
+        *(
+            "--model",
+            "builtin:micro-llama",
+            "--steps",
+            "2",
+            "--max-length",
+            "128",
+            "--bases",
+            "qlora",
+            "--no-warmup",
+            "--layouts",
+            "packed,padded",
+        ),
     )
     rows = {tuple(line.split()[:3]): line.split() for line in out.splitlines() if re.match(r"(padded|packed) ", line)}
     expected = {(layout, "qlora", name) for layout in ("packed", "padded") for name in ("suite", "trl", "standard")}
