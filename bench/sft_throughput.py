@@ -1,5 +1,5 @@
 """SFT throughput as a user would compare tools: the suite's trainer against TRL's SFTTrainer with its defaults and
-against the Trainer's standard loss, on the same model, data, batches and steps; packed and padded, LoRA and QLoRA.
+against the Trainer's standard loss, on the same model, data, batches and steps; packed and unpacked, LoRA and QLoRA.
 A benchmark, not a test.
 
     python bench/sft_throughput.py                      # built-in tiny LLaMA (5M), bundled EN + JA data, CPU
@@ -33,9 +33,12 @@ REPO = Path(__file__).resolve().parent.parent
 # Alpaca-style records (recipe=alpaca's format and prompt), English and Japanese, as bundled
 DATA = "[{path: data/alpaca_en.jsonl, format: alpaca}, {path: data/dolly_ja.jsonl, format: dolly}]"
 TRAINERS = ("suite", "trl", "standard")
-# padded: every contender pads its micro-batches; padding-free: each joins them into one row (TRL's padding_free,
-# the suite's default without packing), so the losses stay comparable (LoRA dropout draws masks of the batch's shape)
-LAYOUTS = ("packed", "padded", "padding-free")
+# unpacked: packing off, each contender as it comes: the suite joins a micro-batch's examples into one row without
+# padding (its default), TRL's SFTTrainer and the Trainer pad them (theirs). The like-for-like controls: padded (every
+# contender pads) and padding-free (every contender joins). LoRA dropout draws masks of the batch's shape, so
+# `unpacked` compares losses only without dropout (--lora-dropout 0, PEFT's default).
+LAYOUTS = ("packed", "unpacked", "padded", "padding-free")
+DEFAULT_LAYOUTS = "packed,unpacked"
 BASES = ("lora", "qlora")
 
 
@@ -84,13 +87,15 @@ def run(name: str, out: Path, args, layout: str, base: str) -> dict:
         "data.eval_size=0",
         f"data.max_length={args.max_length}",
         f"data.packing={layout == 'packed'}",
-        f"data.padding_free={layout == 'padding-free'}",
+        # null: the suite's default (padding-free without packing); TRL's SFTTrainer's default is padded
+        f"data.padding_free={'null' if layout == 'unpacked' and name == 'suite' else layout == 'padding-free'}",
         f"training.micro_batch_size={micro}",
         f"training.output_dir={folder}",
         f"training.max_steps={args.steps}",
         "training.report_to=[]",
         "training.save_every=100000",
         f"quantization.load_in_4bit={base == 'qlora'}",
+        f"lora.dropout={args.lora_dropout}",
     ]
     argv = [sys.executable, __file__, "--worker", name, "--", *overrides]
     proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
@@ -107,7 +112,8 @@ def main() -> None:
     parser.add_argument("--padded-batch", type=int, default=2, help="examples per padded micro-batch")
     parser.add_argument("--packed-batch", type=int, default=1, help="packed blocks of max-length per micro-batch")
     parser.add_argument("--repeats", type=int, default=1, help="runs of each configuration, alternated")
-    parser.add_argument("--layouts", default=",".join(LAYOUTS))
+    parser.add_argument("--lora-dropout", type=float, default=0.0, help="PEFT's default; the recipes use 0.05")
+    parser.add_argument("--layouts", default=DEFAULT_LAYOUTS, help=f"any of {','.join(LAYOUTS)}")
     parser.add_argument("--bases", default=",".join(BASES))
     parser.add_argument("--no-warmup", action="store_true", help="skip the untimed first run (smoke tests)")
     parser.add_argument("--worker", choices=TRAINERS, help=argparse.SUPPRESS)
@@ -132,8 +138,8 @@ def main() -> None:
     first = next(iter(results.values()))[0]
     print(
         f"model {args.model}, {args.steps} steps x 4 micro-batches, max_length {args.max_length}, bundled "
-        f"alpaca_en + dolly_ja in the Alpaca prompt, LoRA r=16 all-linear (dropout 0.05), {args.repeats} run(s) "
-        f"each, medians; memory is {first['peak_mem_kind']}"
+        f"alpaca_en + dolly_ja in the Alpaca prompt, LoRA r=16 all-linear (dropout {args.lora_dropout}), "
+        f"{args.repeats} run(s) each, medians; memory is {first['peak_mem_kind']}"
     )
     print(
         f"{'layout':<13}{'base':<7}{'trainer':<10}{'eff. tokens':>12}{'eff. tok/s':>12}{'MFU':>7}{'peak GB':>9}"

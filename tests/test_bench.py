@@ -37,15 +37,15 @@ def test_sft_benchmark_runs_each_trainer_and_prints_its_ratios():
             "qlora",
             "--no-warmup",
             "--layouts",
-            "packed,padded",
+            "packed,unpacked",
         ),
     )
-    rows = {tuple(line.split()[:3]): line.split() for line in out.splitlines() if re.match(r"(padded|packed) ", line)}
-    expected = {(layout, "qlora", name) for layout in ("packed", "padded") for name in ("suite", "trl", "standard")}
+    rows = {tuple(line.split()[:3]): line.split() for line in out.splitlines() if re.match(r"(unpacked|packed) ", line)}
+    expected = {(layout, "qlora", name) for layout in ("packed", "unpacked") for name in ("suite", "trl", "standard")}
     assert set(rows) == expected, out
     assert all(int(r[3]) > 0 and float(r[4]) > 0 and float(r[6]) > 0 for r in rows.values()), out  # tokens, tok/s, GB
-    # same batches, same weights: the three losses agree, so the ratios compare like with like
-    for layout in ("packed", "padded"):
+    # same batches, same weights: the three losses agree (unpacked: the suite without padding, the others padded)
+    for layout in ("packed", "unpacked"):
         losses = [float(rows[(layout, "qlora", name)][8]) for name in ("suite", "trl", "standard")]
         assert max(losses) - min(losses) < 1e-4, out
         for name in ("trl", "standard"):
