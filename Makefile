@@ -1,4 +1,5 @@
-# make quickstart: install into .venv, pretrain a tiny LLaMA on manual pages, fine-tune it, generate; offline, CPU.
+# make quickstart: install into .venv, pretrain a tiny LLaMA on manual pages, fine-tune it, generate, evaluate the
+#                  adapter against its base; offline, CPU.
 # make test:       install the same way, then lint (ruff check, ruff format --check) and run the test suite (what CI runs).
 VENV ?= .venv
 PYTHON ?= python3
@@ -19,7 +20,7 @@ LAUNCH := $(BIN)/accelerate launch --num_processes 1 --num_cpu_threads_per_proce
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	if ! command -v nvidia-smi >/dev/null 2>&1; then $(BIN)/pip install -q "$(TORCH)" $(TORCH_INDEX); fi
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev,eval,ja]'
 	touch $@
 
 install: $(VENV)/.installed
@@ -42,6 +43,7 @@ quickstart: install corpora
 	$(LAUNCH) finetune/sft.py recipe=quickstart resume=true
 	$(BIN)/python -m finetune.generate outputs/quickstart --sample --max-new-tokens 48 \
 		"日本で一番高い山は何ですか？" "Give three tips for staying healthy."
+	$(BIN)/python eval/evaluate.py recipe=eval-quickstart
 
 test: install
 	$(BIN)/ruff check .

@@ -10,7 +10,7 @@ after printing such a message; this hook, installed at interpreter start by `fin
 import sys
 
 EXIT_USER_ERROR = 2
-ENTRY_SCRIPTS = ("sft.py", "dpo.py", "pretrain.py")
+ENTRY_SCRIPTS = ("finetune/sft.py", "finetune/dpo.py", "finetune/pretrain.py", "finetune/study.py", "eval/evaluate.py")
 
 
 def _hook(previous):
@@ -22,8 +22,7 @@ def _hook(previous):
             issubclass(kind, subprocess.CalledProcessError)
             and value.returncode == EXIT_USER_ERROR
             and any(
-                str(part).replace("\\", "/").endswith(tuple("finetune/" + s for s in ENTRY_SCRIPTS))
-                or str(part).startswith("finetune.")
+                str(part).replace("\\", "/").endswith(ENTRY_SCRIPTS) or str(part).startswith("finetune.")
                 for part in cmd
             )
         ):

@@ -145,3 +145,35 @@ def learned_positions_loss(model, inputs: dict, num_items: int | torch.Tensor | 
     if stats is not None:
         stats["count"] = count
     return loss
+
+
+def learned_token_nll(model, inputs: dict, chunk: int = CHUNK) -> torch.Tensor:
+    """-log p(label) at every learned position of a collated batch (`labels` -100 where nothing is learned), as a
+    (batch, length - 1) float32 tensor holding 0 elsewhere; no gradient. Evaluation's per-example loss: as in
+    training, only learned positions reach the output layer, chunk by chunk; a head this can't stand in for (see
+    fused_loss_unsupported) runs in the model's own forward instead."""
+    import torch.nn.functional as F
+
+    lm = _causal_lm(model)
+    targets = inputs["labels"][:, 1:]
+    learned = targets != -100
+    kwargs = {k: v for k, v in inputs.items() if k != "labels"} | {"use_cache": False}
+    out = torch.zeros(targets.shape, dtype=torch.float32, device=targets.device)
+    with torch.no_grad():
+        if fused_loss_unsupported(model):
+            logits = model(**kwargs).logits[:, :-1][learned].float()
+            out[learned] = F.cross_entropy(logits, targets[learned], reduction="none")
+            return out
+        hidden = lm.get_decoder()(**kwargs).last_hidden_state[:, :-1][learned]
+        weight = lm.get_output_embeddings().weight
+        wanted = targets[learned]
+        out[learned] = torch.cat(
+            [
+                F.cross_entropy(
+                    (hidden[s : s + chunk].to(weight.dtype) @ weight.T).float(), wanted[s : s + chunk], reduction="none"
+                )
+                for s in range(0, len(wanted), chunk)
+            ]
+            or [torch.zeros(0, device=out.device)]
+        )
+    return out

@@ -12,10 +12,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import yaml
-
-from finetune import config
-from finetune.config.checking import RENAMED
 from finetune.config.sft import SFTRecipe
 from finetune.errors import RecipeError, run_cli
 
@@ -24,24 +20,65 @@ def load(run_dir: str | Path):
     """(model, tokenizer, recipe) from an SFT output folder: base + adapter, or a saved full model."""
     from finetune import modeling
 
-    modeling.quiet_library_warnings()  # before peft imports bitsandbytes
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    if modeling.run_recipe(run_dir) is None:
+        raise RecipeError(f"{run_dir} has no SFT recipe.yaml: is it the output_dir of a finetune/sft.py run?")
+    return modeling.load_for_inference(str(run_dir))
 
-    run_dir = Path(run_dir)
-    recipe_file = run_dir / "recipe.yaml"
-    if not recipe_file.is_file():
-        raise RecipeError(f"{run_dir} has no recipe.yaml: is it the output_dir of a finetune/sft.py run?")
-    saved = yaml.safe_load(recipe_file.read_text(encoding="utf-8")) or {}
-    training = saved.get("training") or {}  # a run saved before the knobs were renamed still loads
-    saved["training"] = {RENAMED.get(k, k): v for k, v in training.items()}
-    cfg = config.build(SFTRecipe, saved)
-    tokenizer = AutoTokenizer.from_pretrained(run_dir)
-    if (run_dir / "adapter_config.json").exists():
-        model = PeftModel.from_pretrained(modeling.load_model(cfg.model, cfg.quantization), run_dir)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(run_dir)
-    return model.eval(), tokenizer, cfg
+
+def generate_ids(
+    model,
+    tokenizer,
+    prompts: list[list[int]],
+    max_new_tokens: int = 128,
+    do_sample: bool = False,
+    temperature: float = 0.7,
+    top_p: float = 1.0,
+    batch_size: int = 8,
+    progress=None,
+) -> list[list[int]]:
+    """New token ids for each prompt (token ids), in the prompts' order, each ending at its first EOS (kept) or
+    after max_new_tokens. Prompts of similar length are batched together, left-padded (the model's position ids
+    follow the attention mask, so padding changes no prompt's ids or positions). `progress` is called with the
+    number of prompts done after each batch."""
+    import torch
+
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    pad = eos if pad is None else pad
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    out: list[list[int]] = [[] for _ in prompts]
+    for start in range(0, len(order), batch_size):
+        batch = order[start : start + batch_size]
+        width = max(len(prompts[i]) for i in batch)
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, i in enumerate(batch):
+            ids[row, width - len(prompts[i]) :] = torch.tensor(prompts[i])
+            mask[row, width - len(prompts[i]) :] = 1
+        with torch.no_grad():
+            generated = model.generate(
+                input_ids=ids.to(model.device),
+                attention_mask=mask.to(model.device),
+                max_new_tokens=max_new_tokens,
+                do_sample=do_sample,
+                temperature=temperature if do_sample else None,
+                top_p=top_p if do_sample else None,
+                top_k=None,
+                eos_token_id=eos,
+                pad_token_id=pad,
+            )[:, width:].tolist()
+        for row, i in enumerate(batch):
+            new = generated[row]
+            out[i] = new[: new.index(eos) + 1] if eos in new else new
+        if progress is not None:
+            progress(len(batch))
+    return out
+
+
+def decode(tokenizer, style: str, ids: list[int]) -> str:
+    """A generated answer's text: special tokens (its EOS) dropped, cut at the style's end of turn."""
+    from finetune.prompts import answer
+
+    return answer(style, tokenizer.decode(ids, skip_special_tokens=True))
 
 
 def generate(
@@ -53,8 +90,6 @@ def generate(
     do_sample: bool = False,
     temperature: float = 0.7,
 ) -> str:
-    import torch
-
     from finetune.prompts import prompt_ids
 
     ids = prompt_ids(
@@ -64,20 +99,8 @@ def generate(
         cfg.data.system_prompt,
         nfkc=cfg.data.nfkc,
     )
-    input_ids = torch.tensor([ids], device=model.device)
-    with torch.no_grad():
-        out = model.generate(
-            input_ids=input_ids,
-            attention_mask=torch.ones_like(input_ids),
-            max_new_tokens=max_new_tokens,
-            do_sample=do_sample,
-            temperature=temperature if do_sample else None,
-            top_p=None,
-            top_k=None,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    return tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True)
+    new = generate_ids(model, tokenizer, [ids], max_new_tokens, do_sample, temperature)[0]
+    return decode(tokenizer, cfg.data.prompt_style, new)
 
 
 def cli() -> None:

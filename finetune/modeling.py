@@ -65,22 +65,31 @@ def precision_flags(precision: str) -> dict:
     return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
 
 
+def missing(what: str, name: str) -> RecipeError | None:
+    """The error for a local model path that does not exist (naming the recipe that writes it, where one does), or
+    None when `name` exists, is a Hub ID (the one rule: offline.is_hub_id) or a built-in base."""
+    from finetune.config import recipe_writing
+    from finetune.offline import is_hub_id
+
+    if Path(name).exists() or name.startswith("builtin:"):
+        return None
+    if made_by := recipe_writing(name):
+        return RecipeError(
+            f"no {what} in '{name}' yet: it is what `accelerate launch {made_by}` writes; run that first"
+        )
+    if not is_hub_id(name):  # a local path that is missing is not a Hub failure
+        return RecipeError(f"no {what} at '{name}': that path does not exist")
+    return None
+
+
 def from_pretrained(what: str, name: str, loader, **kwargs):
     try:
         return loader(name, **kwargs)
     except (OSError, ValueError) as e:
         if Path(name).exists():
             raise RecipeError(f"could not load {what} from {name}: {e}") from None
-        from finetune.config import recipe_writing
-
-        if made_by := recipe_writing(name):
-            raise RecipeError(
-                f"no {what} in '{name}' yet: it is what `accelerate launch {made_by}` writes; run that first"
-            ) from None
-        from finetune.offline import is_hub_id
-
-        if not is_hub_id(name):  # the one rule: a local path that is missing is not a Hub failure
-            raise RecipeError(f"no {what} at '{name}': that path does not exist") from None
+        if error := missing(what, name):
+            raise error from None
         raise HubUnreachableError(hub_message(f"{what} '{name}'", e)) from None
 
 
@@ -135,6 +144,67 @@ def load_model(cfg: ModelConfig, quant: QuantizationConfig | None = None):
         # each process holds a whole 4-bit copy on its own device (DDP), as in the QLoRA recipes
         kwargs["device_map"] = {"": PartialState().local_process_index} if torch.cuda.is_available() else "cpu"
     return from_pretrained("model", resolve(cfg.name_or_path), AutoModelForCausalLM.from_pretrained, **kwargs)
+
+
+def run_recipe(folder: str | Path):
+    """The SFT recipe a run folder was trained with (its recipe.yaml), or None where the folder holds no SFT run
+    (a pretraining run, a downloaded model, a bare adapter)."""
+    import yaml
+
+    from finetune import config
+    from finetune.config.checking import RENAMED
+    from finetune.config.sft import SFTRecipe
+
+    file = Path(folder) / "recipe.yaml"
+    if not file.is_file():
+        return None
+    saved = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+    if not isinstance(saved.get("data"), dict) or "datasets" not in saved["data"]:
+        return None  # another stage's recipe (pretraining has data.corpora)
+    training = saved.get("training") or {}  # a run saved before the knobs were renamed still loads
+    saved["training"] = {RENAMED.get(k, k): v for k, v in training.items()}
+    try:
+        return config.build(SFTRecipe, saved)
+    except RecipeError as e:
+        raise RecipeError(f"{file}: {e}") from None
+
+
+def load_for_inference(name_or_path: str, dtype: str = "auto"):
+    """(model in eval mode, tokenizer, SFT recipe or None) for any model a user points at: an SFT run's output folder
+    (its base loaded as the run loaded it, 4-bit included, plus the adapter), an adapter folder (base from
+    adapter_config.json), a model folder, `builtin:NAME` or a Hub ID (an adapter repo loads with its base)."""
+    import dataclasses
+    import json
+
+    folder = Path(name_or_path)
+    run = run_recipe(folder) if folder.is_dir() else None
+    if folder.is_dir() and (folder / "adapter_config.json").is_file():
+        quiet_library_warnings()  # before peft imports bitsandbytes
+        from peft import PeftModel
+
+        if run is not None:
+            base_cfg, quant = run.model, run.quantization
+        else:
+            base = json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
+            if not base:
+                raise RecipeError(f"{folder / 'adapter_config.json'} names no base_model_name_or_path")
+            base_cfg, quant = ModelConfig(name_or_path=base), None
+        if dtype != "auto":
+            base_cfg = dataclasses.replace(base_cfg, dtype=dtype)
+        model = PeftModel.from_pretrained(load_model(base_cfg, quant), str(folder))
+        has_tokenizer = (folder / "tokenizer_config.json").is_file()
+        tokenizer = load_tokenizer(ModelConfig(name_or_path=str(folder)) if has_tokenizer else base_cfg)
+    elif folder.is_dir() and not (folder / "config.json").is_file():
+        raise RecipeError(
+            f"'{folder}' holds neither a model (config.json) nor an adapter (adapter_config.json): is it the "
+            "output_dir of a finished run?"
+        )
+    else:
+        cfg = ModelConfig(name_or_path=name_or_path, dtype=dtype)
+        model, tokenizer = load_model(cfg), load_tokenizer(cfg)
+    if torch.cuda.is_available() and model.device.type == "cpu" and not getattr(model, "is_loaded_in_4bit", False):
+        model.to("cuda")  # a Trainer moves the model in training; here nothing else would
+    return model.eval(), tokenizer, run
 
 
 def peft_config(cfg: LoraConfig):

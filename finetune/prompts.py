@@ -110,6 +110,8 @@ _STYLES = {
     "chatml": (_CHATML, {}),
 }
 STYLES = (*_STYLES, "chat_template")
+# Text a style writes after each response, before its EOS; a generated answer ends there.
+END_OF_TURN = {"chatml": "<|im_end|>"}
 
 
 def _literal(value: str | None) -> str:
@@ -493,6 +495,13 @@ def prompt_ids(
     return encode({"turns": turns}, style, tokenizer, system_prompt)["input_ids"]
 
 
+def answer(style: str, generated: str) -> str:
+    """A generated continuation cut to the response: at the style's end-of-turn text (ChatML's `<|im_end|>`, which
+    LLaMA tokenizers hold as text, so skipping special tokens leaves it), else as it is."""
+    end = END_OF_TURN.get(style)
+    return generated.split(end, 1)[0] if end else generated
+
+
 def saved_chat_template(style: str, system_prompt: str | None, tokenizer) -> str:
     """The chat template to save with a run: the one that renders the text its style trained on."""
     return template_for(style, tokenizer, system_prompt, marked=False)
@@ -528,10 +537,13 @@ def show(row: dict[str, list[int]], tokenizer) -> str:
     return "|".join(runs)
 
 
-def tokenize_examples(examples: list[dict], cfg, tokenizer, name: str = "train") -> tuple[list[dict], dict]:
+def tokenize_examples(
+    examples: list[dict], cfg, tokenizer, name: str = "train", kept: list[int] | None = None
+) -> tuple[list[dict], dict]:
     """Tokenise canonical examples with data config `cfg`; cut to max_length. Returns rows and counts.
 
-    An example whose prompt alone fills max_length has nothing left to learn; it is dropped, and counted.
+    An example whose prompt alone fills max_length has nothing left to learn; it is dropped, and counted. `kept`, a
+    list, receives the index of each row's example (evaluation pairs two models' scores by it).
     """
     counts: dict = {}
     encoded = encode_many(examples, cfg.prompt_style, tokenizer, cfg.system_prompt, cfg.train_on_prompt, counts)
@@ -544,6 +556,8 @@ def tokenize_examples(examples: list[dict], cfg, tokenizer, name: str = "train")
             dropped.append(examples[i].get("origin", f"example {i}"))
             continue
         rows.append(row)
+        if kept is not None:
+            kept.append(i)
     stats = {"examples": len(examples), "cut_to_max_length": cut, "dropped_prompt_fills_max_length": len(dropped)}
     if counts.get("eos_splits"):
         stats["eos_splits"] = counts["eos_splits"]

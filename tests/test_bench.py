@@ -66,3 +66,15 @@ def test_pretrain_benchmark_runs_both_loops_from_the_same_weights(corpus_dir, tm
     # fewer per block than our loop: close, not equal
     assert abs(ours[0] - trainer[0]) < 1e-2, out
     assert re.search(r"ratio \(ours / Trainer\): \d+\.\d\dx tokens/s", out), out
+
+
+def test_eval_benchmark_scores_both_ways_and_compares_the_answers(micro_base):
+    out = bench(
+        "bench/eval_throughput.py",
+        *("--model", str(micro_base), "--loss-examples", "16", "--prompts", "8", "--max-new-tokens", "4"),
+        *("--baseline-share", "0.5"),
+    )
+    rows = {tuple(line.split()[:2]) for line in out.splitlines() if re.match(r"(loss|generation) ", line)}
+    assert {("loss", "batched"), ("loss", "one"), ("generation", "batched"), ("generation", "one")} <= rows, out
+    assert re.search(r"loss: batched / one at a time = \d+\.\d\dx", out), out
+    assert "greedy answers equal batched and one at a time: 4 of 4" in out, out

@@ -9,13 +9,14 @@ import shlex
 import pytest
 
 from finetune import config
+from finetune.config.eval import EvalRecipe
 from finetune.config.loading import SCRIPTS, stage_of
 from finetune.config.pretrain import PretrainRecipe
 from finetune.config.sft import SFTRecipe
 
 from .conftest import REPO
 
-SCHEMAS = {"pretrain": PretrainRecipe, "sft": SFTRecipe}
+SCHEMAS = {"pretrain": PretrainRecipe, "sft": SFTRecipe, "eval": EvalRecipe}
 STAGE_OF_SCRIPT = {script: stage for stage, script in SCRIPTS.items()}
 PLACEHOLDERS = {"NAME", "path/to/file.yaml", "path/to.yaml"}
 
@@ -27,7 +28,8 @@ def _docstring(path):
 def sources() -> dict[str, str]:
     """Every text a user copies commands from."""
     texts = {"README.md": (REPO / "README.md").read_text(encoding="utf-8"), "Makefile": (REPO / "Makefile").read_text()}
-    for path in sorted((REPO / "finetune").glob("*.py")) + sorted((REPO / "bench").glob("*.py")):
+    scripts = sorted((REPO / "finetune").glob("*.py")) + sorted((REPO / "bench").glob("*.py"))
+    for path in scripts + sorted((REPO / "eval").glob("*.py")):
         texts[str(path.relative_to(REPO))] = _docstring(path)
     for path in sorted((REPO / "recipes").glob("*/*.yaml")):
         if path.parent.name != "accelerate":  # a recipe's header: the comment lines before its first key
@@ -58,7 +60,7 @@ def test_every_command_names_what_exists_and_its_recipe_parses(where, command):
     except ValueError:  # an unbalanced quote in prose: take the words as they are
         words = command.split()
     for word in words:
-        if re.fullmatch(r"(finetune|bench)/[\w/]+\.py", word):
+        if re.fullmatch(r"(finetune|bench|eval)/[\w/]+\.py", word):
             assert (REPO / word).is_file(), f"{where}: {word} does not exist"
         if re.fullmatch(r"recipes/accelerate/[\w-]+\.yaml", word):
             assert (REPO / word).is_file(), f"{where}: {word} does not exist"
@@ -92,8 +94,9 @@ def test_the_readme_layout_is_the_tree():
     missing = sorted(m for m in modules - {"__init__.py"} if m not in named)
     assert not missing, f"README layout does not mention {missing}"
     for module in sorted(n for n in named if n.endswith(".py")):
-        assert list(REPO.glob(f"finetune/**/{module}")) or (REPO / module).exists(), f"layout names {module}"
-    for folder in ("recipes/", "data/", "bench/", "tests/"):
+        found = [p for d in ("finetune", "eval", "bench") for p in REPO.glob(f"{d}/**/{module}")]
+        assert found or (REPO / module).exists(), f"layout names {module}"
+    for folder in ("recipes/", "data/", "eval/", "bench/", "tests/"):
         assert folder in layout and (REPO / folder).is_dir()
     stages = sorted(p.name for p in (REPO / "recipes").iterdir() if p.is_dir())
     assert all(f"{s}/" in layout for s in stages), stages

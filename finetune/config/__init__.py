@@ -3,7 +3,7 @@
 loading.py   finds the recipe in its stage's folder, composes it with Hydra, applies overrides
 checking.py  types the composed dict into the stage's dataclasses (closest-key suggestions)
 shared.py    sections every stage shares (model, quantization, lora, dataset spec, hub, training knobs)
-sft.py, pretrain.py   one schema per stage (DPO, evaluation and the study add theirs)
+sft.py, pretrain.py, eval.py   one schema per stage (DPO and the study add theirs)
 """
 
 from __future__ import annotations
