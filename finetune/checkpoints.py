@@ -209,3 +209,49 @@ def train_loss(log_history: list[dict]) -> float | None:
             total += entry["loss"] * (entry["step"] - last)
             last = entry["step"]
     return total / last if last else None
+
+
+class BestWeights(TrainerCallback):
+    """`training.keep_best`: after each evaluation whose loss is the lowest so far, the trained weights (only those:
+    the adapter, or every weight in full fine-tuning) go to output_dir/best/ (written beside, then renamed: never
+    half-written); at the end of training they are loaded back, so the run saves and reports its best evaluation,
+    not its last step. Kept on disk rather than in memory so a resumed run still knows its best."""
+
+    FOLDER = "best"
+
+    def __init__(self, output_dir: str | Path):
+        self.folder = Path(output_dir) / self.FOLDER
+        info = self.folder / "best.json"
+        self.best = json.loads(info.read_text()) if info.is_file() else None
+
+    def on_evaluate(self, args, state, control, metrics=None, model=None, **kwargs):
+        loss = (metrics or {}).get("eval_loss")
+        if loss is None or model is None or (self.best is not None and loss >= self.best["eval_loss"]):
+            return
+        self.best = {"step": state.global_step, "eval_loss": loss}
+        if not args.should_save:
+            return
+        from safetensors.torch import save_file
+
+        tmp = self.folder.with_name(self.folder.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        trained = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+        save_file(trained, str(tmp / "weights.safetensors"))
+        (tmp / "best.json").write_text(json.dumps(self.best))
+        shutil.rmtree(self.folder, ignore_errors=True)
+        tmp.rename(self.folder)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        if self.best is None or model is None or not (self.folder / "weights.safetensors").is_file():
+            return
+        from safetensors.torch import load_file
+
+        weights = load_file(str(self.folder / "weights.safetensors"), device=str(next(model.parameters()).device))
+        missing = set(weights) - {n for n, _ in model.named_parameters()}
+        if missing:
+            raise RecipeError(f"{self.folder} holds weights this model lacks ({sorted(missing)[:3]}...)")
+        model.load_state_dict(weights, strict=False)
+        log.info(
+            "keep_best: the weights of step %d (eval loss %.4f) restored", self.best["step"], self.best["eval_loss"]
+        )

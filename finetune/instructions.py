@@ -260,25 +260,27 @@ def report_fields(spec: DatasetSpec, columns: list[str], ignored: dict[str, int]
         log.warning("%s: ignore_fields dropped '%s' from %s", describe(spec), f, where)
 
 
+def _load_spec(spec: DatasetSpec, cfg: DataConfig, rng) -> list[dict]:
+    """One dataset's records as checked canonical examples (max_samples drawn with `rng`, NFKC as the config says)."""
+    raw = load_raw(spec)
+    if len(raw) == 0:
+        raise DataError(f"{describe(spec)} has no records (split '{spec.split}')")
+    order = list(range(len(raw)))
+    if spec.max_samples is not None and spec.max_samples < len(raw):
+        order = sorted(rng.sample(order, spec.max_samples))
+    ignored: dict[str, int] = {}
+    examples = [to_example(raw[i], spec, i, ignored) for i in order]
+    report_fields(spec, raw.column_names, ignored, len(examples))
+    return [nfkc(e) for e in examples] if cfg.nfkc else examples
+
+
 def load_examples(cfg: DataConfig) -> tuple[list[dict], list[dict]]:
-    """Load, check and mix every dataset of the recipe; return (train, held-out) canonical examples."""
+    """Load, check and mix every dataset of the recipe; return (train, held-out) canonical examples. Held out:
+    `eval_datasets`, or a share `eval_size` of the datasets' records."""
     import random
 
     rng = random.Random(cfg.seed)
-    per_dataset: list[tuple[DatasetSpec, list[dict]]] = []
-    for spec in cfg.datasets:
-        raw = load_raw(spec)
-        if len(raw) == 0:
-            raise DataError(f"{describe(spec)} has no records (split '{spec.split}')")
-        order = list(range(len(raw)))
-        if spec.max_samples is not None and spec.max_samples < len(raw):
-            order = sorted(rng.sample(order, spec.max_samples))
-        ignored: dict[str, int] = {}
-        examples = [to_example(raw[i], spec, i, ignored) for i in order]
-        report_fields(spec, raw.column_names, ignored, len(examples))
-        if cfg.nfkc:
-            examples = [nfkc(e) for e in examples]
-        per_dataset.append((spec, examples))
+    per_dataset = [(spec, _load_spec(spec, cfg, rng)) for spec in cfg.datasets]
 
     # Hold out before weighting, so a repeated example can't sit in both splits.
     total = sum(len(ex) for _, ex in per_dataset)
@@ -300,6 +302,8 @@ def load_examples(cfg: DataConfig) -> tuple[list[dict], list[dict]]:
         )
         train += weighted
     rng.shuffle(train)
+    for spec in cfg.eval_datasets:
+        evaluation += _load_spec(spec, cfg, rng)
     return train, evaluation
 
 

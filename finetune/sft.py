@@ -183,12 +183,22 @@ def train(cfg: SFTRecipe, recipe_file: Path | None = None, callbacks: list | Non
     # ------------------------------------------------------------------------------------------------------
     tokenizer = modeling.load_tokenizer(cfg.model)
     train_examples, eval_examples = load_examples(cfg.data)
+    if state.is_main_process and eval_examples:  # what evaluation's heldout_of checks it recomputes the same
+        origins = [e.get("origin") for e in eval_examples]
+        (out / "heldout.json").write_text(json.dumps({"count": len(origins), "origins": origins}, ensure_ascii=False))
     train_rows, data_stats = prompts.tokenize_examples(train_examples, cfg.data, tokenizer, "train")
     eval_rows = prompts.tokenize_examples(eval_examples, cfg.data, tokenizer, "eval")[0] if eval_examples else []
     # Saved with the adapter: apply_chat_template then renders exactly the text this style trained on.
     tokenizer.chat_template = prompts.saved_chat_template(cfg.data.prompt_style, cfg.data.system_prompt, tokenizer)
     log.info("data: %d training and %d held-out examples", len(train_rows), len(eval_rows))
 
+    if cfg.training.keep_best and not (eval_rows and cfg.training.eval_every):
+        raise RecipeError(
+            "training.keep_best=true picks the weights of the best evaluation: it needs held-out data "
+            "(data.eval_size or data.eval_datasets) and training.eval_every"
+        )
+    if cfg.training.keep_best and state.distributed_type.value in ("FSDP", "DEEPSPEED"):
+        raise RecipeError(f"training.keep_best keeps whole weights, which {state.distributed_type.value} shards")
     model = modeling.load_model(cfg.model, cfg.quantization)
     packing = cfg.data.packing if cfg.data.packing is not None else modeling.supports_packing(model)
     if packing and not modeling.supports_packing(model):
@@ -272,7 +282,11 @@ def train(cfg: SFTRecipe, recipe_file: Path | None = None, callbacks: list | Non
         eval_dataset=datasets.Dataset.from_list(eval_rows) if eval_rows else None,
         processing_class=tokenizer,
         peft_config=modeling.peft_config(cfg.lora),
-        callbacks=[checkpoints.CheckpointCallback(recipe, run_info, cfg.training.keep_checkpoints), *(callbacks or [])],
+        callbacks=[
+            checkpoints.CheckpointCallback(recipe, run_info, cfg.training.keep_checkpoints),
+            *([checkpoints.BestWeights(out)] if cfg.training.keep_best else []),
+            *(callbacks or []),
+        ],
         fused_loss=cfg.training.fused_loss,
         token_metrics=cfg.training.log_token_metrics,
     )
@@ -333,6 +347,9 @@ def train(cfg: SFTRecipe, recipe_file: Path | None = None, callbacks: list | Non
     # ------------------------------------------------------------------------------------------------------
     if eval_rows:
         metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
+    best = next((c.best for c in trainer.callback_handler.callbacks if isinstance(c, checkpoints.BestWeights)), None)
+    if best is not None:
+        metrics["best_step"], metrics["best_eval_loss"] = best["step"], best["eval_loss"]
     if state.is_main_process:
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
         if cfg.training.merge_adapter and cfg.lora.method == "lora":

@@ -542,3 +542,51 @@ def test_bf16_autocast_reaches_the_learned_positions_loss(micro_base, alpaca_fil
     assert autocast == [True] * 3 * 4
     assert curves[True] == pytest.approx(curves[False], rel=1e-2)
     assert curves[True] != pytest.approx(PINNED_LOSSES[:3], abs=1e-4)  # bf16, not the fp32 curve
+
+
+def test_keep_best_ends_with_the_weights_of_the_lowest_dev_loss(micro_base, alpaca_file, tmp_path):
+    """A dev set given as its own file (data.eval_datasets); with a learning rate high enough to overfit 12 examples,
+    keep_best ends with the weights of the lowest dev loss, not the last step's, and saves those."""
+    dev = write_jsonl(
+        tmp_path / "dev.jsonl",
+        [{"instruction": f"Spell {i}.", "input": "", "output": f"Word number {i}."} for i in range(100, 108)],
+    )
+    out = tmp_path / "best"
+    cfg = sft_recipe(
+        micro_base,
+        alpaca_file,
+        out,
+        "data.datasets.0.max_samples=12",
+        f"data.eval_datasets=[{{path: '{dev}', format: alpaca}}]",
+        "lora.method=full",
+        "training.learning_rate=3e-2",
+        "training.max_steps=16",
+        "training.eval_every=2",
+        "training.keep_best=true",
+    )
+    trainer, metrics = sft.train(cfg)
+    evals = [(e["step"], e["eval_loss"]) for e in trainer.state.log_history if "eval_loss" in e][:-1]  # not the final
+    best_step, best_loss = min(evals, key=lambda e: e[1])
+    assert best_step < 16, evals  # the dev loss rose again: the last step is not the best
+    assert (metrics["best_step"], metrics["best_eval_loss"]) == (best_step, pytest.approx(best_loss))
+    assert metrics["eval_loss"] == pytest.approx(
+        best_loss, abs=1e-5
+    )  # the final evaluation scores the restored weights
+    assert json.loads((out / "heldout.json").read_text())["count"] == 8
+    reloaded = generate.load(out)[0]
+    ids = torch.tensor([[1, 5, 9, 14]])
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, trainer.model.eval()(input_ids=ids).logits)
+
+
+def test_keep_best_needs_held_out_data_and_one_held_out_source(micro_base, alpaca_file, tmp_path):
+    with pytest.raises(RecipeError, match="keep_best=true picks the weights of the best evaluation"):
+        sft.train(sft_recipe(micro_base, alpaca_file, tmp_path / "x", "training.keep_best=true"))
+    with pytest.raises(RecipeError, match="data.eval_size and data.eval_datasets both"):
+        sft_recipe(
+            micro_base,
+            alpaca_file,
+            tmp_path / "y",
+            "data.eval_size=4",
+            f"data.eval_datasets=[{{path: '{alpaca_file}', format: alpaca}}]",
+        )

@@ -48,6 +48,8 @@ class DataConfig:
     """Also compute loss on prompt tokens. false: loss only on responses (and their EOS)."""
     eval_size: float = 0.0
     """Held-out share of the mixed data for eval loss: a fraction (<1) or a count of records (>=1)."""
+    eval_datasets: list[DatasetSpec] = field(default_factory=list)
+    """Held-out data given as datasets of their own (a dev set), instead of a share of `datasets` (eval_size 0)."""
     seed: int = 42
     """Seed for max_samples draws, weighting and the held-out split."""
 
@@ -56,6 +58,8 @@ class DataConfig:
             raise RecipeError(f"data.max_length must be at least 16, got {self.max_length}")
         if self.eval_size < 0:
             raise RecipeError(f"data.eval_size must be >= 0, got {self.eval_size}")
+        if self.eval_size and self.eval_datasets:
+            raise RecipeError("data.eval_size and data.eval_datasets both name held-out data: keep one")
 
 
 @dataclass
@@ -79,6 +83,10 @@ class TrainingConfig(TrainingBase):
     log_token_metrics: bool = True
     """Log the entropy and top-1 accuracy of the learned tokens (TRL's `entropy`, `mean_token_accuracy`),
     computed on logging steps and in evaluation only, so other steps pay nothing for them."""
+    keep_best: bool = False
+    """End with the weights of the evaluation (every eval_every steps) with the lowest held-out loss, not the last
+    step's: a small set overfits before its last epoch, a large one is still improving. The best trained weights
+    (the adapter, or every weight in full fine-tuning) are kept in output_dir/best/, so a resume keeps them too."""
     merge_adapter: bool = False
     """Also save the base with the adapter merged in (output_dir/merged), loadable without PEFT."""
 
