@@ -5,8 +5,8 @@ at a time (the baseline), on the same model and items, in one run. A benchmark, 
     python bench/eval_throughput.py --loss-examples 2000 --prompts 200 --batch-size 8
     python bench/eval_throughput.py --model TinyLlama/TinyLlama_v1.1 --batch-size 32   # on a GPU
 
-Items: the bundled alpaca_en + dolly_ja (repeated to reach --loss-examples) in the Alpaca prompt. Loss: response-token
-NLL (finetune/evaluation/loss.py); generation: greedy, --max-new-tokens, stopping at EOS
+Items: the bundled alpaca_en + dolly_ja (541 records, repeated to reach --loss-examples) in the Alpaca prompt.
+Loss: response-token NLL (finetune/evaluation/loss.py); generation: greedy, --max-new-tokens, stopping at EOS
 (finetune/evaluation/generation.py). Prints examples/s and tokens/s of each, the batched / one-at-a-time ratio, and
 checks that batched greedy answers equal the one-at-a-time ones.
 """
@@ -40,7 +40,7 @@ def main() -> None:
     from finetune.evaluation import data, generation, loss
 
     spec = [
-        {"path": str(REPO / "data" / f), "format": fmt, "weight": 4}
+        {"path": str(REPO / "data" / f), "format": fmt}
         for f, fmt in (("alpaca_en.jsonl", "alpaca"), ("dolly_ja.jsonl", "dolly"))
     ]
     cfg = config.build(
@@ -48,7 +48,7 @@ def main() -> None:
         {
             "model": args.model,
             "tasks": [
-                {"name": "loss", "type": "loss", "datasets": spec, "max_examples": args.loss_examples},
+                {"name": "loss", "type": "loss", "datasets": spec},
                 {
                     "name": "gen",
                     "type": "generation",
@@ -62,7 +62,8 @@ def main() -> None:
     model, tokenizer, _ = modeling.load_for_inference(args.model)
     loss_task, gen_task = cfg.tasks
     render = data.rendering(loss_task, {})
-    loss_items = data.examples(loss_task, render, seed=0)
+    bundled = data.examples(loss_task, render, seed=0)
+    loss_items = (bundled * (args.loss_examples // len(bundled) + 1))[: args.loss_examples]  # repeated to the size
     gen_items = data.examples(gen_task, render, seed=0)
     print(
         f"model {args.model} ({model.num_parameters():,} parameters, {model.dtype}), batch size {args.batch_size}; "

@@ -35,9 +35,14 @@ def main(argv: list[str]) -> dict:
     if cfg.print_recipe:
         print(config.to_yaml(cfg), end="")
         return {}
+    from finetune import modeling
     from finetune.offline import go_offline_if_unreachable, is_hub_id
 
+    # Every Hub name the run will load: the models, a run folder's base and data, the tasks' datasets
     names = [cfg.model, cfg.compare or ""] + [d.path for t in cfg.tasks for d in t.datasets]
+    for path in {cfg.model, cfg.compare, *(t.heldout_of for t in cfg.tasks)} - {None}:
+        if Path(path).is_dir() and (run := modeling.run_recipe(path)) is not None:
+            names += [run.model.name_or_path] + [d.path for d in run.data.datasets + run.data.eval_datasets]
     go_offline_if_unreachable([n for n in names if is_hub_id(n)])
     return evaluate(cfg, recipe_file)
 
@@ -72,6 +77,9 @@ def evaluate(cfg: EvalRecipe, recipe_file: Path | None = None) -> dict:
     for role, path in paths.items():  # before any data is read
         if error := modeling.missing("model", path):
             raise RecipeError(f"{role}: {error}")
+    for task in cfg.tasks:  # harness task names checked (and lm-eval imported) before hours of scoring
+        if task.type == "harness":
+            harness.resolve(task.harness_tasks)
     runs = {path: modeling.run_recipe(path) if Path(path).is_dir() else None for path in paths.values()}
     renderings = {t.name: data.rendering(t, runs) for t in cfg.tasks if t.type != "harness"}
     items = {t.name: data.examples(t, renderings[t.name], cfg.eval.seed) for t in cfg.tasks if t.type != "harness"}
@@ -84,6 +92,8 @@ def evaluate(cfg: EvalRecipe, recipe_file: Path | None = None) -> dict:
     raw: dict[str, dict] = {t.name: {} for t in cfg.tasks}
     models = {}
     for role, path in paths.items():
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()  # each model's own peak (on CPU: the process's, so far)
         model, tokenizer, run = modeling.load_for_inference(path, cfg.eval.dtype)
         kind = (
             ("SFT run" if run is not None else "adapter")
@@ -118,7 +128,7 @@ def evaluate(cfg: EvalRecipe, recipe_file: Path | None = None) -> dict:
     # ------------------------------------------------------------------------------------------------------
     samples, seed = cfg.eval.bootstrap_samples, cfg.eval.seed
     results = {"recipe": config.to_dict(cfg), "models": models, "tasks": {}}
-    generations = []
+    generations, per_item = [], []
     for task in cfg.tasks:
         per_model = raw[task.name]
         entry: dict = {"type": task.type}
@@ -130,9 +140,15 @@ def evaluate(cfg: EvalRecipe, recipe_file: Path | None = None) -> dict:
             if task.type == "loss":
                 entry["rows"] = report.loss_rows(per_model, samples, seed)
                 keep = ("n", "tokens", "data", "seconds", "examples_per_s", "tokens_per_s")
+                for role, r in per_model.items():  # each item's NLL, for analyses over items (the study's bootstrap)
+                    per_item += [
+                        {"task": task.name, "role": role, "item": i, "origin": items[task.name][i].get("origin")}
+                        | {"nll": float(nll), "tokens": int(tokens)}
+                        for i, (nll, tokens) in zip(r["items"], r["stats"], strict=True)
+                    ]
             else:
                 entry["rows"], entry["scoring"] = report.generation_rows(task, per_model, samples, seed)
-                keep = ("n", "prompt_tokens", "new_tokens", "stopped_at_eos", "prompts_cut", "seconds")
+                keep = ("n", "prompt_tokens", "new_tokens", "stopped", "prompts_cut", "seconds")
                 keep += ("examples_per_s", "tokens_per_s")
                 first = next(iter(per_model.values()))
                 for i, (prompt, reference) in enumerate(zip(first["prompts"], first["references"], strict=True)):
@@ -143,9 +159,9 @@ def evaluate(cfg: EvalRecipe, recipe_file: Path | None = None) -> dict:
                     )
             entry["runs"] = {role: {k: r[k] for k in keep} for role, r in per_model.items()}
         results["tasks"][task.name] = entry
-    report.write(out, results, generations)
+    report.write(out, results, generations, per_item)
     print(report.markdown(results))
-    log.info("results in %s (results.json, results.md, generations.jsonl)", out)
+    log.info("results in %s (results.json, results.md, generations.jsonl, items.jsonl)", out)
     return results
 
 

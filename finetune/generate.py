@@ -25,6 +25,14 @@ def load(run_dir: str | Path):
     return modeling.load_for_inference(str(run_dir))
 
 
+def stop_ids(model, tokenizer) -> list[int]:
+    """Tokens that end an answer: the tokenizer's EOS and those the model's generation config names (an instruct
+    model's end of turn, e.g. Llama 3's <|eot_id|>), which a chat template writes where a turn ends."""
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    configured = configured if isinstance(configured, list) else [] if configured is None else [configured]
+    return list(dict.fromkeys([tokenizer.eos_token_id, *configured]))
+
+
 def generate_ids(
     model,
     tokenizer,
@@ -36,14 +44,14 @@ def generate_ids(
     batch_size: int = 8,
     progress=None,
 ) -> list[list[int]]:
-    """New token ids for each prompt (token ids), in the prompts' order, each ending at its first EOS (kept) or
-    after max_new_tokens. Prompts of similar length are batched together, left-padded (the model's position ids
-    follow the attention mask, so padding changes no prompt's ids or positions). `progress` is called with the
-    number of prompts done after each batch."""
+    """New token ids for each prompt (token ids), in the prompts' order, each ending at its first stop token (kept:
+    see stop_ids) or after max_new_tokens. Prompts of similar length are batched together, left-padded (the model's
+    position ids follow the attention mask, so padding changes no prompt's ids or positions). `progress` is called
+    with the number of prompts done after each batch."""
     import torch
 
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    pad = eos if pad is None else pad
+    stops = stop_ids(model, tokenizer)
+    pad = tokenizer.eos_token_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     out: list[list[int]] = [[] for _ in prompts]
     for start in range(0, len(order), batch_size):
@@ -63,12 +71,13 @@ def generate_ids(
                 temperature=temperature if do_sample else None,
                 top_p=top_p if do_sample else None,
                 top_k=None,
-                eos_token_id=eos,
+                eos_token_id=stops,
                 pad_token_id=pad,
             )[:, width:].tolist()
         for row, i in enumerate(batch):
             new = generated[row]
-            out[i] = new[: new.index(eos) + 1] if eos in new else new
+            end = next((k for k, t in enumerate(new) if t in stops), None)
+            out[i] = new if end is None else new[: end + 1]
         if progress is not None:
             progress(len(batch))
     return out

@@ -152,27 +152,64 @@ def sft_run(micro_base, tmp_path_factory):
     return tmp / "out", en, ja
 
 
-def test_eval_tokenises_a_runs_heldout_examples_exactly_as_sft_did(sft_run):
-    from finetune.instructions import load_examples
+def test_eval_scores_a_runs_heldout_examples_with_the_very_ids_sft_evaluated(micro_base_sp, tmp_path, monkeypatch):
+    """On a SentencePiece LLaMA tokenizer: the rows sft.train built for its held-out split (captured as it ran) are
+    the rows the evaluation's loss task scores for heldout_of that run."""
+    from finetune import sft
+    from finetune.evaluation import loss as eval_loss
+
+    captured: dict[str, list] = {"sft": [], "eval": []}
+    real = prompts.tokenize_examples
+    phase = ["sft"]
+
+    def spy(examples, cfg, tokenizer, name="train", kept=None):
+        rows, stats = real(examples, cfg, tokenizer, name, kept)
+        if name == "eval":
+            captured[phase[0]].append(rows)
+        return rows, stats
+
+    chats = write_jsonl(
+        tmp_path / "chats.jsonl",
+        [
+            {"messages": [{"role": "user", "content": f"{i}は？"}, {"role": "assistant", "content": f"{i}です。"}]}
+            for i in range(30)
+        ],
+    )
+    out = tmp_path / "run"
+    cfg = sft_recipe(
+        micro_base_sp,
+        chats,
+        out,
+        f"data.datasets=[{{path: '{chats}', format: messages}}]",
+        "data.prompt_style=llama2",
+        "data.system_prompt='あなたは誠実です。'",
+        "data.eval_size=8",
+        "training.max_steps=2",
+    )
+    monkeypatch.setattr(prompts, "tokenize_examples", spy)
+    sft.train(cfg)
+    phase[0] = "eval"
+    task = config.build(EvalRecipe, {"model": str(out), "tasks": [{"name": "h", "heldout_of": str(out)}]}).tasks[0]
+    render = data.rendering(task, {str(out): modeling.run_recipe(out)})
+    assert (render.prompt_style, render.system_prompt) == ("llama2", "あなたは誠実です。")
+    model, tokenizer, _ = modeling.load_for_inference(str(out))
+    eval_loss.score(model, tokenizer, data.examples(task, render, seed=0), render, 4, "eval")
+    assert len(captured["sft"]) == 1 and len(captured["sft"][0]) == 8
+    assert captured["eval"] == captured["sft"]
+
+
+def test_a_heldout_split_that_no_longer_comes_out_the_same_is_refused(sft_run, tmp_path):
+    import shutil
 
     out, en, ja = sft_run
-    run = modeling.run_recipe(out)
-    task = config.build(EvalRecipe, {"model": str(out), "tasks": [{"name": "h", "heldout_of": str(out)}]}).tasks[0]
-    render = data.rendering(task, {str(out): run})
-    assert (render.prompt_style, render.system_prompt, render.max_length) == ("chatml", None, 512)
-    found = data.examples(task, render, seed=0)
-    held = load_examples(run.data)[1]
-    assert found == held and len(found) == 16
-    tokenizer = modeling.load_tokenizer(run.model)
-    sft_rows = prompts.tokenize_examples(held, run.data, tokenizer, "eval")[0]  # what sft.train evaluated on
-    eval_rows = prompts.tokenize_examples(found, render.data_config(), tokenizer, "eval")[0]
-    assert eval_rows == sft_rows
-    only = config.build(
-        EvalRecipe, {"model": str(out), "tasks": [{"name": "j", "heldout_of": str(out), "only": [str(ja)]}]}
-    ).tasks[0]
-    japanese = data.examples(only, render, seed=0)
-    assert japanese and all("ja.jsonl" in e["origin"] for e in japanese)
-    assert len(japanese) < len(found)
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    recorded = json.loads((copy / "heldout.json").read_text())
+    recorded["origins"][0] = "dataset 'elsewhere' record 0"  # as if the data had changed since training
+    (copy / "heldout.json").write_text(json.dumps(recorded))
+    task = config.build(EvalRecipe, {"model": str(copy), "tasks": [{"name": "h", "heldout_of": str(copy)}]}).tasks[0]
+    with pytest.raises(DataError, match="comes out differently from the one the run recorded"):
+        data.examples(task, data.rendering(task, {}), seed=0)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -270,6 +307,7 @@ def test_evaluate_an_sft_run_against_its_base_writes_every_file(sft_run, micro_b
     nll = rows[("loss", "nll")]
     assert nll["n"] == 16 and nll["difference"] == pytest.approx(nll["model"] - nll["compare"])
     assert nll["ci95"][0] <= nll["difference"] <= nll["ci95"][1]
+    assert nll["difference"] < 0  # the adapter has a lower loss on what its run held out than its base
     assert results["tasks"]["loss"]["rendering"]["prompt_style"] == "chatml"  # the run's, for the base too
     for metric in ("exact_match", "char_f1", "chrf", "bleu"):
         assert rows[("gen", metric)]["ci95"] is not None
@@ -278,6 +316,10 @@ def test_evaluate_an_sft_run_against_its_base_writes_every_file(sft_run, micro_b
     assert rows[("mc", "quickstart_mc_ja/acc")]["n"] == 4
     generations = [json.loads(line) for line in (tmp_path / "ev" / "generations.jsonl").read_text().splitlines()]
     assert len(generations) == 16 and {"prompt", "reference", "model", "compare"} <= set(generations[0])
+    per_item = [json.loads(line) for line in (tmp_path / "ev" / "items.jsonl").read_text().splitlines()]
+    model_nll = [r for r in per_item if r["task"] == "loss" and r["role"] == "model"]
+    assert len(model_nll) == 16
+    assert sum(r["nll"] for r in model_nll) / sum(r["tokens"] for r in model_nll) == pytest.approx(nll["model"])
     table = (tmp_path / "ev" / "results.md").read_text()
     assert "| nll (lower is better) |" in table and "model - compare (95% CI)" in table
     assert table in proc.stdout  # printed at the end
@@ -322,8 +364,22 @@ def test_a_heldout_selection_and_its_errors(sft_run, tmp_path):
             EvalRecipe, {"model": str(out), "tasks": [{"name": "g", "heldout_of": str(out), "only": ["x.jsonl"]}]}
         ).tasks[0]
         data.examples(bad, data.rendering(bad, {}), seed=0)
-    with pytest.raises(DataError, match="is a text document"):
-        data.prompt_and_reference({"text": "x", "origin": "d record 0"}, "g")
+    # a generation task skips text documents (no prompt, no reference); with nothing left the set is empty
+    text = write_jsonl(tmp_path / "docs.jsonl", [{"text": f"document {i}"} for i in range(3)])
+    gen = config.build(
+        EvalRecipe,
+        {
+            "model": "x",
+            "tasks": [{"name": "g", "type": "generation", "datasets": [{"path": str(text), "format": "text"}]}],
+        },
+    ).tasks[0]
+    with pytest.raises(DataError, match="task 'g': the eval set is empty"):
+        data.examples(gen, data.rendering(gen, {}), seed=0)
+    with pytest.raises(RecipeError, match="have a weight"):
+        config.build(
+            EvalRecipe,
+            {"model": "x", "tasks": [{"name": "l", "datasets": [{"path": str(text), "format": "text", "weight": 2}]}]},
+        )
 
 
 @pytest.mark.parametrize("name", config.available("eval"))

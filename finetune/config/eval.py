@@ -105,6 +105,11 @@ class TaskSpec:
                 raise RecipeError(f"{where}: {key} must be positive or null, got {getattr(self, key)}")
         if self.max_new_tokens <= 0:
             raise RecipeError(f"{where}: max_new_tokens must be positive, got {self.max_new_tokens}")
+        weighted = [d.path for d in self.datasets if d.weight != 1.0]
+        if weighted:
+            raise RecipeError(
+                f"{where}: datasets {weighted} have a weight; evaluation scores each record once (use max_samples)"
+            )
         if self.type == "generation" and not self.metrics:
             raise RecipeError(f"{where}: metrics is empty: name at least one of exact_match, char_f1, chrf, bleu")
 
@@ -138,7 +143,7 @@ class EvalRecipe:
     adapter_config.json) or a run's output folder (pretraining or SFT)."""
     compare: str | None = None
     """A second model, the same kinds as `model`, scored on the same items and put beside it (e.g. the base of
-    an adapter). results.md gives model - compare, with a bootstrap 95% interval for generation metrics."""
+    an adapter). results.md gives model - compare with a paired bootstrap 95% interval over the items."""
     tasks: list[TaskSpec] = field(default_factory=list)
     """What to score."""
     eval: EvalConfig = field(default_factory=EvalConfig)

@@ -5,8 +5,10 @@ decided once per task, from the task, else from the SFT run behind `model`, else
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 from finetune.config.eval import TaskSpec
 from finetune.errors import DataError, RecipeError
@@ -43,7 +45,9 @@ def rendering(task: TaskSpec, runs: dict) -> Rendering:
         system_prompt=task.system_prompt if task.system_prompt is not None else (data.system_prompt if data else None),
         nfkc=data.nfkc if data else False,
         max_length=task.max_length or (data.max_length if data else DEFAULT_MAX_LENGTH),
-        source=f"the SFT run {run_path}" if run is not None else "the defaults (no SFT run behind either model)",
+        source=("the task" if task.prompt_style else f"the SFT run {run_path}")
+        if task.prompt_style or run is not None
+        else "the defaults (no SFT run behind either model)",
     )
 
 
@@ -64,6 +68,15 @@ def examples(task: TaskSpec, render: Rendering, seed: int) -> list[dict]:
         if not run.data.eval_size:
             raise DataError(f"{where}: the run {task.heldout_of} held nothing out (its data.eval_size is 0)")
         found = load_examples(run.data)[1]  # the same split, drawn with the run's seed
+        recorded = Path(task.heldout_of) / "heldout.json"
+        if recorded.is_file():  # written by the run: the data must not have changed since
+            origins = json.loads(recorded.read_text(encoding="utf-8"))["origins"]
+            if origins != [e.get("origin") for e in found]:
+                raise DataError(
+                    f"{where}: the held-out split of {task.heldout_of} comes out differently from the one the run "
+                    f"recorded in {recorded} ({len(origins)} records): its data changed since training (a Hub "
+                    "dataset without a pinned revision, an edited file), so those records may have been trained on"
+                )
         if render.nfkc and not run.data.nfkc:
             found = [nfkc(e) for e in found]
         if task.only:
@@ -78,8 +91,15 @@ def examples(task: TaskSpec, render: Rendering, seed: int) -> list[dict]:
             found = [e for e in found if e["origin"].startswith(prefixes)]
         what = f"the held-out split of {task.heldout_of}" + (f" ({', '.join(task.only)})" if task.only else "")
     else:
-        found = load_examples(DataConfig(datasets=task.datasets, nfkc=render.nfkc, seed=seed))[0]
+        found = load_examples(DataConfig(datasets=task.datasets, nfkc=render.nfkc, seed=seed))[0]  # weights are 1
         what = ", ".join(d.path for d in task.datasets)
+    if task.type == "generation":  # a text document has no prompt and reference: skipped, and said
+        documents = sum("turns" not in e for e in found)
+        if documents:
+            log.warning(
+                "%s: %d text documents skipped (a generation item is a prompt and its answer)", where, documents
+            )
+            found = [e for e in found if "turns" in e]
     if task.max_examples is not None and task.max_examples < len(found):
         import random
 
@@ -91,13 +111,8 @@ def examples(task: TaskSpec, render: Rendering, seed: int) -> list[dict]:
     return found
 
 
-def prompt_and_reference(example: dict, task: str) -> tuple[list[dict], str]:
+def prompt_and_reference(example: dict) -> tuple[list[dict], str]:
     """A generation item: the turns before the last assistant turn, and that turn's text."""
-    if "turns" not in example:
-        raise DataError(
-            f"task '{task}': {example.get('origin', 'an example')} is a text document; generation tasks need "
-            "instruction data (a prompt and its reference answer)"
-        )
     turns = example["turns"]
     last = max(i for i, t in enumerate(turns) if t["role"] == "assistant")
     return turns[:last], turns[last]["content"]

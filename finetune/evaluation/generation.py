@@ -25,10 +25,10 @@ def score(
     """{"prompts", "references", "predictions", "new_tokens", "prompts_cut", "seconds", ...} in the examples' order."""
     import torch
 
-    from finetune.generate import decode, generate_ids
+    from finetune.generate import decode, generate_ids, stop_ids
     from finetune.prompts import encode_many
 
-    items = [prompt_and_reference(e, task.name) for e in examples]
+    items = [prompt_and_reference(e) for e in examples]
     encoded = encode_many(
         [{"turns": turns} for turns, _ in items], render.prompt_style, tokenizer, render.system_prompt
     )
@@ -63,7 +63,7 @@ def score(
         "predictions": [decode(tokenizer, render.prompt_style, n) for n in new],
         "prompt_tokens": sum(len(p) for p in prompt_ids),
         "new_tokens": new_tokens,
-        "stopped_at_eos": sum(bool(n) and n[-1] == tokenizer.eos_token_id for n in new),
+        "stopped": sum(bool(n) and n[-1] in stop_ids(model, tokenizer) for n in new),
         "prompts_cut": cut,
         "n": len(items),
         "seconds": seconds,

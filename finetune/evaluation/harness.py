@@ -36,12 +36,29 @@ def local_task(name: str) -> dict | None:
         config = yaml.safe_load(file.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
         raise RecipeError(f"{file}: not a plain task YAML ({e}); local tasks hold no !function tags") from None
-    files = (config.get("dataset_kwargs") or {}).get("data_files")
-    if isinstance(files, dict):
-        config["dataset_kwargs"]["data_files"] = {
-            split: str((file.parent / path).resolve()) for split, path in files.items()
-        }
+
+    def absolute(paths):
+        if isinstance(paths, str):
+            return str((file.parent / paths).resolve())
+        if isinstance(paths, list):
+            return [absolute(p) for p in paths]
+        if isinstance(paths, dict):
+            return {split: absolute(p) for split, p in paths.items()}
+        return paths
+
+    kwargs = config.get("dataset_kwargs") or {}
+    if "data_files" in kwargs:
+        kwargs["data_files"] = absolute(kwargs["data_files"])
     return config
+
+
+def _require_harness() -> None:
+    try:
+        import lm_eval  # noqa: F401
+    except ImportError:
+        raise RecipeError(
+            "harness tasks run lm-evaluation-harness, which is not installed: pip install 'finetune[eval]'"
+        ) from None
 
 
 @functools.cache
@@ -55,6 +72,7 @@ def task_manager(with_harness_tasks: bool):
 
 def resolve(names: list[str]) -> list[str | dict]:
     """Each name as lm-eval takes it: a local task's config, else the name, checked against lm-eval's index."""
+    _require_harness()
     resolved: list[str | dict] = [local_task(n) or n for n in names]
     unknown = [n for n in resolved if isinstance(n, str)]
     if unknown:
@@ -82,14 +100,10 @@ def _is_offline_failure(error: Exception) -> bool:
 def score(model, tokenizer, task: TaskSpec, batch_size: int, seed: int) -> dict:
     """{harness task name: {"metrics": {metric: value}, "stderr": {...}, "n": items, "samples": {metric: per-item
     values, by doc_id}}} for every task the spec names (a group's tasks each get a row)."""
-    try:
-        from lm_eval import simple_evaluate
-        from lm_eval.models.huggingface import HFLM
-    except ImportError:
-        raise RecipeError(
-            f"task '{task.name}' runs lm-evaluation-harness, which is not installed: pip install 'finetune[eval]'"
-        ) from None
     requested = resolve(task.harness_tasks)
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     try:
         out = simple_evaluate(

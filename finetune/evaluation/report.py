@@ -14,11 +14,12 @@ from finetune.evaluation import metrics as M
 ROLES = ("model", "compare")
 
 
-def _row(metric, n, values, stats, score, samples, seed, lower_is_better=False, note=None) -> dict:
-    """One metric: each model's value; with two models, the difference and its interval over the paired items."""
+def _row(metric, n, values, stats, score, samples, seed, lower_is_better=False, note=None, difference=None) -> dict:
+    """One metric: each model's value; with two models, the difference (by default of the values) and its interval
+    over the paired items."""
     row = {"metric": metric, "n": n, "lower_is_better": lower_is_better} | dict(values)
     if len(values) == 2:
-        row["difference"] = values["model"] - values["compare"]
+        row["difference"] = values["model"] - values["compare"] if difference is None else difference
         ci = M.paired_bootstrap(stats["model"], stats["compare"], score, samples, seed) if stats else None
         row["ci95"] = list(ci) if ci else None
     if note:
@@ -34,12 +35,18 @@ def loss_rows(results: dict, samples: int, seed: int) -> list[dict]:
         stats[role] = r["stats"][[where[i] for i in common]]
     nll = {role: r["nll"] for role, r in results.items()}
     n = min(r["n"] for r in results.values())
-    note = (
-        None
-        if all(len(r["items"]) == len(common) for r in results.values())
-        else (f"the models' tokenizers kept different examples; the interval is over the {len(common)} both scored")
-    )
-    rows = [_row("nll", n, nll, stats, M.ratio_score, samples, seed, lower_is_better=True, note=note)]
+    notes, difference = [], None
+    if len(results) == 2:
+        difference = M.ratio_score(stats["model"]) - M.ratio_score(stats["compare"])
+        if any(len(r["items"]) != len(common) for r in results.values()):
+            notes.append(f"the models kept different examples; the difference is over the {len(common)} both scored")
+        if not np.array_equal(stats["model"][:, 1], stats["compare"][:, 1]):
+            notes.append(
+                "the two tokenizers split the responses into different tokens, so NLL per token does not compare "
+                "between them"
+            )
+    note = "; ".join(notes) or None
+    rows = [_row("nll", n, nll, stats, M.ratio_score, samples, seed, True, note, difference)]
     ppl = {role: math.exp(min(v, 50)) for role, v in nll.items()}
     rows.append(_row("perplexity", n, ppl, None, None, 0, seed, lower_is_better=True))
     return rows
@@ -145,10 +152,10 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
-def write(out: Path, results: dict, generations: list[dict]) -> None:
+def write(out: Path, results: dict, generations: list[dict], items: list[dict]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False), encoding="utf-8")
     (out / "results.md").write_text(markdown(results), encoding="utf-8")
-    with (out / "generations.jsonl").open("w", encoding="utf-8") as f:
-        for g in generations:
-            f.write(json.dumps(g, ensure_ascii=False) + "\n")
+    for name, rows in (("generations.jsonl", generations), ("items.jsonl", items)):
+        with (out / name).open("w", encoding="utf-8") as f:
+            f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
