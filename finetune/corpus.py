@@ -15,6 +15,7 @@ with the base's tokenizer reuses the base's tokenised corpora.
 
 from __future__ import annotations
 
+import fnmatch
 import glob
 import gzip
 import hashlib
@@ -96,9 +97,10 @@ def file_format(spec: CorpusSpec, file: Path) -> str:
     )
 
 
-def render_man(file: Path) -> str | None:
-    """A roff manual page as plain text (groff, the formatter man itself uses), or None for an alias page
-    (`.so other.1`), which only points at another page's text."""
+def groff_lines(file: Path) -> list[str] | None:
+    """A roff manual page rendered by groff (the formatter man itself uses) as lines, indentation kept (section
+    headings at column 0, text at 7, tagged paragraphs' bodies at 14), or None for an alias page (`.so other.1`),
+    which only points at another page's text."""
     raw = file.read_bytes()
     if file.suffix == ".gz":
         raw = gzip.decompress(raw)
@@ -113,7 +115,14 @@ def render_man(file: Path) -> str | None:
         ).stdout.decode("utf-8", "replace")
     except FileNotFoundError:
         raise DataError(f"groff is not installed, so manual page {file} can't be read; {MAN_HINT}") from None
-    lines = out.splitlines()
+    return out.splitlines()
+
+
+def render_man(file: Path) -> str | None:
+    """A roff manual page as plain text, or None for an alias page."""
+    lines = groff_lines(file)
+    if lines is None:
+        return None
     body = [i for i, line in enumerate(lines) if line.strip()]
     if len(body) < 3:
         return ""
@@ -338,28 +347,46 @@ def _build_text(spec: CorpusSpec, cfg: CorpusConfig, out: Path) -> Path:
     return _publish(tmp, out)
 
 
-def read_texts(text_dir: Path, split: str) -> Iterator[str]:
+def excluded(name: str, patterns: list[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def read_texts(text_dir: Path, split: str, exclude: list[str] = (), skipped: list | None = None) -> Iterator[str]:
+    """The cached documents' texts, less those `exclude` names (each skipped name is appended to `skipped`)."""
     with (text_dir / f"{split}.jsonl").open(encoding="utf-8") as f:
         for line in f:
-            yield json.loads(line)["text"]
+            record = json.loads(line)
+            if exclude and excluded(record["name"], exclude):
+                if skipped is not None:
+                    skipped.append(record["name"])
+                continue
+            yield record["text"]
 
 
-def train_tokenizer(text_dirs: dict[str, Path], weights: dict[str, float], cfg: TokenizerConfig, cache_dir: str):
+def train_tokenizer(
+    text_dirs: dict[str, Path],
+    weights: dict[str, float],
+    cfg: TokenizerConfig,
+    cache_dir: str,
+    exclude: dict[str, list[str]] | None = None,
+):
     """Byte-level BPE (no character is ever unknown) trained on up to `train_chars` characters of the corpora's
-    training text, shared by weight; cached."""
+    training text (less each corpus's `exclude`), shared by weight; cached."""
     from transformers import AutoTokenizer
 
     from finetune.tokenizer import train_bpe
 
+    exclude = {n: sorted(p) for n, p in (exclude or {}).items() if p}
     total = sum(weights.values())
     budgets = {n: int(cfg.train_chars * w / total) for n, w in weights.items() if w > 0}
-    out = Path(cache_dir) / "tokenizer" / _key(cfg.vocab_size, budgets, {n: d.name for n, d in text_dirs.items()})
+    parts = [cfg.vocab_size, budgets, {n: d.name for n, d in text_dirs.items()}] + ([exclude] if exclude else [])
+    out = Path(cache_dir) / "tokenizer" / _key(*parts)
     if (out / "tokenizer.json").exists():
         return AutoTokenizer.from_pretrained(out)
 
     def sample():
         for name, budget in budgets.items():
-            for text in read_texts(text_dirs[name], "train"):
+            for text in read_texts(text_dirs[name], "train", exclude.get(name, [])):
                 yield text[:budget]
                 budget -= len(text)
                 if budget <= 0:
@@ -385,20 +412,25 @@ def token_dtype(tokenizer) -> np.dtype:
     return np.dtype(np.uint16) if len(tokenizer) <= 2**16 else np.dtype(np.uint32)
 
 
-def tokenize(text_dir: Path, tokenizer, cfg: CorpusConfig) -> Path:
-    """The corpus's documents as one token stream per split, EOS after each document; cached."""
+def tokenize(text_dir: Path, tokenizer, cfg: CorpusConfig, exclude: list[str] = ()) -> Path:
+    """The corpus's documents (less `exclude`) as one token stream per split, EOS after each document; cached."""
     name = text_dir.name.rsplit("-", 1)[0]
-    out = Path(cfg.cache_dir) / "tokens" / f"{name}-{_key(text_dir.name, tokenizer_key(tokenizer))}"
+    parts = [text_dir.name, tokenizer_key(tokenizer)] + ([sorted(exclude)] if exclude else [])
+    out = Path(cfg.cache_dir) / "tokens" / f"{name}-{_key(*parts)}"
     if (out / "meta.json").exists():
+        meta = json.loads((out / "meta.json").read_text())
+        if meta.get("excluded_documents"):
+            log.info("corpus %s: %d documents excluded (exclude)", name, meta["excluded_documents"])
         return out
     tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
     dtype, eos = token_dtype(tokenizer), tokenizer.eos_token_id
     meta = {"corpus": name, "dtype": dtype.name, "text": str(text_dir)}
+    skipped: list[str] = []
     for split in ("train", "val"):
         chars = tokens = 0
         with (tmp / f"{split}.bin").open("wb") as f:
-            texts = read_texts(text_dir, split)
+            texts = read_texts(text_dir, split, exclude, skipped)
             while batch := [t for _, t in zip(range(CHUNK), texts, strict=False)]:
                 for text, ids in zip(batch, tokenizer(batch, add_special_tokens=False)["input_ids"], strict=True):
                     np.asarray(ids + [eos], dtype=dtype).tofile(f)
@@ -406,6 +438,10 @@ def tokenize(text_dir: Path, tokenizer, cfg: CorpusConfig) -> Path:
                     tokens += len(ids) + 1
         meta[f"{split}_tokens"] = tokens
         meta[f"{split}_chars_per_token"] = round(chars / max(tokens, 1), 3)
+    if exclude:
+        meta["excluded_documents"] = len(skipped)
+        meta["exclude"] = sorted(exclude)
+        log.info("corpus %s: %d documents excluded (exclude)", name, len(skipped))
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
     log.info(
         "corpus %s: %s training and %s validation tokens, %.2f characters per token",
@@ -510,6 +546,7 @@ class Corpora:
                 "val_tokens": m["val_tokens"],
                 "chars_per_token": m["val_chars_per_token"],
             }
+            | ({"excluded_documents": m["excluded_documents"], "exclude": m["exclude"]} if m.get("exclude") else {})
             for n, c, m in zip(self.names, self.cfg.corpora, self.meta, strict=True)
         ]
 
@@ -519,7 +556,8 @@ def prepare(cfg: CorpusConfig, tok_cfg: TokenizerConfig, tokenizer_source: str |
     `tokenizer_source`: a tokenizer to reuse (Hub ID or folder), or None to train one."""
     text_dirs = {spec.name: extract_text(spec, cfg) for spec in cfg.corpora}
     if tokenizer_source is None:
-        tokenizer = train_tokenizer(text_dirs, {c.name: c.weight for c in cfg.corpora}, tok_cfg, cfg.cache_dir)
+        weights, exclude = {c.name: c.weight for c in cfg.corpora}, {c.name: c.exclude for c in cfg.corpora}
+        tokenizer = train_tokenizer(text_dirs, weights, tok_cfg, cfg.cache_dir, exclude)
     else:
         from transformers import AutoTokenizer
 
@@ -532,5 +570,5 @@ def prepare(cfg: CorpusConfig, tok_cfg: TokenizerConfig, tokenizer_source: str |
 
         tokenizer.chat_template = CHAT_TEMPLATE
         log.info("tokenizer %s has no chat template: the output gets ChatML's", tokenizer_source)
-    token_dirs = [tokenize(text_dirs[spec.name], tokenizer, cfg) for spec in cfg.corpora]
+    token_dirs = [tokenize(text_dirs[spec.name], tokenizer, cfg, spec.exclude) for spec in cfg.corpora]
     return Corpora(cfg, tokenizer, token_dirs)

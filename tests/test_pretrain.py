@@ -142,6 +142,31 @@ def test_documents_are_packed_into_blocks_with_eos_between_them(tmp_path, corpus
         blocks[len(blocks)]
 
 
+def test_excluded_documents_are_left_out_of_training_validation_and_the_tokenizer(tmp_path, corpus_dir):
+    """`exclude` (the study's evaluation pages) drops documents by name when the cached text is tokenised: the text
+    is not read again, and the tokens, the tokenizer and the counts change with it."""
+    spec = {"name": "en", "path": str(corpus_dir / "en")}
+    cfg = CorpusConfig(corpora=[CorpusSpec(**spec)], seq_len=16, val_fraction=0.1, cache_dir=str(tmp_path))
+    whole = corpus.prepare(cfg, TokenizerConfig(vocab_size=300), None)
+    text_dir = next((tmp_path / "text").glob("en-*"))
+    names = [json.loads(line)["name"] for line in (text_dir / "train.jsonl").read_text().splitlines()]
+    gone = names[:3]
+    exclude = [gone[0], gone[1][:-4] + "*"]  # a name, and a glob pattern
+    cut = CorpusConfig(
+        corpora=[CorpusSpec(**spec, exclude=exclude)], seq_len=16, val_fraction=0.1, cache_dir=str(tmp_path)
+    )
+    part = corpus.prepare(cut, TokenizerConfig(vocab_size=300), None)
+    assert len(list((tmp_path / "text").glob("en-*"))) == 1  # one text cache: nothing was rendered again
+    kept = [t for n, t in zip(names, corpus.read_texts(text_dir, "train"), strict=True) if n not in gone[:2]]
+    tok, eos = part.tokenizer, part.tokenizer.eos_token_id
+    assert np.asarray(part.train[0].tokens).tolist() == [
+        i for d in kept for i in tok(d, add_special_tokens=False)["input_ids"] + [eos]
+    ]
+    assert part.meta[0]["excluded_documents"] == 2 and part.summary()[0]["excluded_documents"] == 2
+    assert part.meta[0]["train_tokens"] < whole.meta[0]["train_tokens"]
+    assert tok.backend_tokenizer.to_str() != whole.tokenizer.backend_tokenizer.to_str()  # trained without them
+
+
 def test_validation_documents_are_chosen_by_name_and_never_trained_on(tmp_path, corpus_dir):
     spec = CorpusSpec(name="en", path=str(corpus_dir / "en"))
     dirs = [

@@ -35,6 +35,10 @@ class CorpusSpec:
     expect_documents: int | None = None
     """Warn when the corpus has fewer documents than this (e.g. a package that was meant to provide them is
     missing). null: no check."""
+    exclude: list[str] = field(default_factory=list)
+    """Documents left out of training, validation and tokenizer training: names relative to the corpus's folder
+    (`man1/ls.1.gz` under `/usr/share/man`), glob patterns allowed; e.g. the study's evaluation pages. Applied to
+    the cached text when it is tokenised (nothing is read again); the log counts them."""
     weight: float = 1.0
     """Share of training blocks drawn from this corpus; weights are normalised over the corpora, so
     `{ja: 0.8, en: 0.2}` replays 20% of an original English corpus during continued pretraining."""
