@@ -39,6 +39,7 @@ MAY_CHANGE = (
     "training.output_dir",
     "training.log_every",
     "training.eval_every",
+    "training.eval_batch_size",
     "training.eval_blocks",
     "training.save_every",
     "training.keep_checkpoints",

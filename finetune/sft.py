@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -176,6 +177,8 @@ def train(cfg: SFTRecipe, recipe_file: Path | None = None, callbacks: list | Non
     if state.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         (out / "recipe.yaml").write_text(config.to_yaml(cfg), encoding="utf-8")
+        if checkpoint is None:  # a fresh run: best weights a killed earlier run left are not this run's
+            shutil.rmtree(out / checkpoints.BestWeights.FOLDER, ignore_errors=True)
     log.info("recipe %s resolved (saved to %s):\n%s", recipe_file, out / "recipe.yaml", config.to_yaml(cfg))
 
     # ------------------------------------------------------------------------------------------------------
@@ -238,7 +241,7 @@ def train(cfg: SFTRecipe, recipe_file: Path | None = None, callbacks: list | Non
     args = SFTConfig(
         output_dir=str(out),
         per_device_train_batch_size=cfg.training.micro_batch_size,
-        per_device_eval_batch_size=cfg.training.micro_batch_size,
+        per_device_eval_batch_size=cfg.training.eval_batch_size or cfg.training.micro_batch_size,
         gradient_accumulation_steps=cfg.training.gradient_accumulation_steps,
         num_train_epochs=cfg.training.num_epochs,
         max_steps=cfg.training.max_steps or -1,

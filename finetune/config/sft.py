@@ -64,8 +64,14 @@ class DataConfig:
 
 @dataclass
 class TrainingConfig(TrainingBase):
+    eval_every: int | float | None = None
+    """Evaluate on the held-out data every N steps, and at the end (null: at the end only). A float below 1 is a
+    share of the run's steps (the Trainer's rule): 0.125 evaluates eight times, whatever the data's size."""
     learning_rate: float = 2e-4
     """Peak learning rate. 2e-4 is usual for LoRA; full fine-tuning wants ~1e-5."""
+    eval_batch_size: int | None = None
+    """Sequences (packed blocks when packing) per evaluation pass; null: micro_batch_size. Evaluation keeps no
+    activations for a backward pass, so it can take more than training."""
     gradient_accumulation_steps: int = 1
     """Micro-batches per optimiser step. Global batch = micro_batch_size x this x number of devices."""
     num_epochs: float = 1.0
