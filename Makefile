@@ -15,7 +15,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # accelerate launch gives a CPU process one thread unless told otherwise: half this 2-core machine's speed.
 LAUNCH := $(BIN)/accelerate launch --num_processes 1 --num_cpu_threads_per_process $(shell nproc)
 
-.PHONY: install corpora quickstart test bench clean
+.PHONY: install corpora quickstart study test bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -44,6 +44,10 @@ quickstart: install corpora
 	$(BIN)/python -m finetune.generate outputs/quickstart --sample --max-new-tokens 48 \
 		"日本で一番高い山は何ですか？" "Give three tips for staying healthy."
 	$(BIN)/python eval/evaluate.py recipe=eval-quickstart
+
+# The study (finetune/study.py): does a large fine-tuning set make continued pretraining unnecessary? ~30 minutes.
+study: install corpora
+	$(BIN)/python finetune/study.py recipe=study-quickstart
 
 test: install
 	$(BIN)/ruff check .

@@ -13,10 +13,11 @@ from finetune.config.eval import EvalRecipe
 from finetune.config.loading import SCRIPTS, stage_of
 from finetune.config.pretrain import PretrainRecipe
 from finetune.config.sft import SFTRecipe
+from finetune.config.study import StudyRecipe
 
 from .conftest import REPO
 
-SCHEMAS = {"pretrain": PretrainRecipe, "sft": SFTRecipe, "eval": EvalRecipe}
+SCHEMAS = {"pretrain": PretrainRecipe, "sft": SFTRecipe, "eval": EvalRecipe, "study": StudyRecipe}
 STAGE_OF_SCRIPT = {script: stage for stage, script in SCRIPTS.items()}
 PLACEHOLDERS = {"NAME", "path/to/file.yaml", "path/to.yaml"}
 
@@ -44,7 +45,11 @@ def command_lines(text: str) -> list[str]:
     found = []
     for line in text.splitlines():
         line = line.strip().strip("`")
-        m = re.search(r"(accelerate launch|python3? |\$\(LAUNCH\)|\$\(BIN\)/python|make )", line)
+        # `make X` where a command is written (a line's start, after a prompt, a comment mark, a backtick or an
+        # opening parenthesis), not the verb in prose ("does a large set make continued pretraining unnecessary?")
+        m = re.search(
+            r"(accelerate launch|python3? |\$\(LAUNCH\)|\$\(BIN\)/python|(?:^|(?<=[#$`(])|(?<=[#$`(] ))make )", line
+        )
         if m:
             found.append(line[m.start() :].split("  #")[0].split(" # ")[0])
     return found

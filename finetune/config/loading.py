@@ -16,7 +16,12 @@ from typing import Any
 from finetune.errors import RecipeError
 
 # The entry script of each stage: the folder a script reads its recipes from, and the script a recipe runs with.
-SCRIPTS = {"pretrain": "finetune/pretrain.py", "sft": "finetune/sft.py", "eval": "eval/evaluate.py"}
+SCRIPTS = {
+    "pretrain": "finetune/pretrain.py",
+    "sft": "finetune/sft.py",
+    "eval": "eval/evaluate.py",
+    "study": "finetune/study.py",
+}
 
 
 def recipes_dir(stage: str | None = None) -> Path:
