@@ -347,16 +347,40 @@ def _build_text(spec: CorpusSpec, cfg: CorpusConfig, out: Path) -> Path:
     return _publish(tmp, out)
 
 
+def exclusions(spec: CorpusSpec) -> list[str]:
+    """A corpus's `exclude` names and patterns, with those of its `exclude_from` file."""
+    listed = list(spec.exclude)
+    if spec.exclude_from:
+        path = Path(spec.exclude_from)
+        if not path.is_file():
+            raise DataError(f"corpus '{spec.name}': exclude_from file {path} not found")
+        listed += [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return sorted(set(listed))
+
+
+class _Excluded:
+    """Names matched exactly through a set, patterns with wildcards one by one: lists of thousands of names cost
+    one lookup per document."""
+
+    def __init__(self, patterns):
+        self.names = {p for p in patterns if not glob.has_magic(p)}
+        self.patterns = [p for p in patterns if glob.has_magic(p)]
+
+    def __call__(self, name: str) -> bool:
+        return name in self.names or any(fnmatch.fnmatchcase(name, p) for p in self.patterns)
+
+
 def excluded(name: str, patterns: list[str]) -> bool:
-    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+    return _Excluded(patterns)(name)
 
 
 def read_texts(text_dir: Path, split: str, exclude: list[str] = (), skipped: list | None = None) -> Iterator[str]:
     """The cached documents' texts, less those `exclude` names (each skipped name is appended to `skipped`)."""
+    is_excluded = _Excluded(exclude)
     with (text_dir / f"{split}.jsonl").open(encoding="utf-8") as f:
         for line in f:
             record = json.loads(line)
-            if exclude and excluded(record["name"], exclude):
+            if exclude and is_excluded(record["name"]):
                 if skipped is not None:
                     skipped.append(record["name"])
                 continue
@@ -556,7 +580,7 @@ def prepare(cfg: CorpusConfig, tok_cfg: TokenizerConfig, tokenizer_source: str |
     `tokenizer_source`: a tokenizer to reuse (Hub ID or folder), or None to train one."""
     text_dirs = {spec.name: extract_text(spec, cfg) for spec in cfg.corpora}
     if tokenizer_source is None:
-        weights, exclude = {c.name: c.weight for c in cfg.corpora}, {c.name: c.exclude for c in cfg.corpora}
+        weights, exclude = {c.name: c.weight for c in cfg.corpora}, {c.name: exclusions(c) for c in cfg.corpora}
         tokenizer = train_tokenizer(text_dirs, weights, tok_cfg, cfg.cache_dir, exclude)
     else:
         from transformers import AutoTokenizer
@@ -570,5 +594,5 @@ def prepare(cfg: CorpusConfig, tok_cfg: TokenizerConfig, tokenizer_source: str |
 
         tokenizer.chat_template = CHAT_TEMPLATE
         log.info("tokenizer %s has no chat template: the output gets ChatML's", tokenizer_source)
-    token_dirs = [tokenize(text_dirs[spec.name], tokenizer, cfg, spec.exclude) for spec in cfg.corpora]
+    token_dirs = [tokenize(text_dirs[spec.name], tokenizer, cfg, exclusions(spec)) for spec in cfg.corpora]
     return Corpora(cfg, tokenizer, token_dirs)

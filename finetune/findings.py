@@ -35,7 +35,8 @@ def analyse(rows: list[dict], items: dict[tuple, np.ndarray], cfg) -> dict:
             table[arm] = {}
             for n in [0, *sizes]:
                 picked = range(len(seeds)) if seed_idx is None else seed_idx
-                chosen = [seeds[0]] if n == 0 else [seeds[i] for i in picked]
+                # N=0 trains nothing: one cell, under whichever seed the grid gave it
+                chosen = [k[2] for k in items if k[:2] == (arm, 0)] if n == 0 else [seeds[i] for i in picked]
                 values = []
                 for s in chosen:
                     stats = items.get((arm, key_n.get(n, n), s))
@@ -67,7 +68,7 @@ def analyse(rows: list[dict], items: dict[tuple, np.ndarray], cfg) -> dict:
     boot_gain = {a: {n: [] for n in [0, *sizes]} for a in others}
     boot_star = {a: [] for a in crossovers}
     boot_net = {a: {n: [] for n in [0, *sizes]} for a in targets}
-    for b in range(cfg.fit.bootstrap):
+    for _ in range(cfg.fit.bootstrap):
         idx = rng.integers(0, n_items, n_items)
         seed_idx = rng.integers(0, len(seeds), len(seeds))
         table = ce_table(idx, seed_idx)
@@ -83,7 +84,7 @@ def analyse(rows: list[dict], items: dict[tuple, np.ndarray], cfg) -> dict:
         refit = {}
         for a in [base, *crossovers] if crossovers else []:
             ns = [n for n in sizes if n in table[a]]
-            refit[a] = fits.fit_power_law(ns, [table[a][n] for n in ns], 4, cfg.fit.huber_delta, fitted[a], seed=b)
+            refit[a] = fits.fit_power_law(ns, [table[a][n] for n in ns], 1, cfg.fit.huber_delta, fitted[a])
         for a in crossovers:
             c = fits.crossover(refit[base], refit[a], cfg.fit.tolerance, n_min, n_max)
             boot_star[a].append(c.n_star if c.status != "never" else math.inf)
@@ -102,11 +103,12 @@ def analyse(rows: list[dict], items: dict[tuple, np.ndarray], cfg) -> dict:
         if a in crossovers:
             c, stars = crossovers[a], boot_star[a]
             finite = [s for s in stars if math.isfinite(s)]
+            low_high = np.percentile(stars, [2.5, 97.5]).tolist() if len(stars) >= 2 else None  # inf: never crosses
             entry["crossover"] = {
                 "n_star": c.n_star,
                 "status": c.status,
                 "asymptotic_gain": c.asymptote,
-                "ci95": interval(finite) if len(finite) >= 0.5 * len(stars) else None,
+                "ci95": low_high,
                 "median": float(np.median(stars)) if stars else None,
                 "share_never": (len(stars) - len(finite)) / len(stars) if stars else None,
                 "share_beyond_data": sum(s > n_max for s in stars) / len(stars) if stars else None,
@@ -200,8 +202,12 @@ def _ci(ci) -> str:
     return f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "[n/a]"
 
 
+def _n(value) -> str:
+    return "never" if value is None or not math.isfinite(value) else f"{value:,.0f}"
+
+
 def _n_ci(ci) -> str:
-    return f"[{ci[0]:,.0f}, {ci[1]:,.0f}]" if ci else "[n/a]"
+    return f"[{_n(ci[0])}, {_n(ci[1])}]" if ci else "[n/a]"
 
 
 def _answer(arm: str, analysis: dict) -> list[str]:
@@ -232,21 +238,26 @@ def _answer(arm: str, analysis: dict) -> list[str]:
     elif c["status"] == "extrapolated":
         lines.append(
             f"  At the largest N the gain is still above the tolerance of {tol} nats; the fits put N* at "
-            f"{c['n_star']:,.0f} {_n_ci(c['ci95'])} (bootstrap median {c['median']:,.0f}), **beyond the data: "
+            f"{c['n_star']:,.0f} {_n_ci(c['ci95'])} (bootstrap median {_n(c['median'])}), **beyond the data: "
             f"{c['n_star'] / sizes[-1]:,.0f} times the largest N, an extrapolation**; "
             f"{100 * (c['share_never'] or 0):.0f}% of bootstrap fits never fall below the tolerance."
         )
     elif c["status"] == "never":
         lines.append(
-            f"  The fitted gain levels off at {c['asymptotic_gain']:+.3f} nats, above the tolerance of {tol}: "
-            "**within this model family the gain does not vanish**; a larger N does not make CPT unnecessary here."
+            f"  The fitted curves level off with the gain at {c['asymptotic_gain']:+.3f} nats, above the tolerance of "
+            f"{tol}: by the fits, no N makes CPT unnecessary. That rests on the fitted floors E, which the data "
+            "constrain weakly (see below)."
         )
     else:
-        lines.append(f"  The gain is already below the tolerance of {tol} nats at the smallest N: no effect.")
+        lines.append(
+            f"  The gain is under the tolerance of {tol} nats already at the smallest N: at this budget CPT does not "
+            "help this task."
+        )
     if c is not None and c["ci95"] and c["n_star"] and not c["ci95"][0] <= c["n_star"] <= c["ci95"][1]:
         lines.append(
             "  The point estimate of N* lies outside its bootstrap interval: N* moves a lot with small changes in the "
-            "fitted exponents, so read it as an order of magnitude."
+            f"fitted exponents (three parameters on {len(sizes)} sizes leave {len(sizes) - 3} degree(s) of freedom), "
+            "so the interval is not reliable and N* is an order of magnitude at best."
         )
     control = analysis["gains"].get(f"cpt-control-{g['steps']}")
     if control:  # the control's own effect: base - control, shown as control - base (negative: better)
@@ -301,15 +312,24 @@ def report(rows: list[dict], analysis: dict, references: dict, context: dict, ou
     for arm, g in analysis["gains"].items():
         if g["kind"] == "cpt":
             lines += _answer(arm, analysis)
-    lines += ["", "## Cross-entropy per cell", "", *_ce_table(analysis), "", "## Controls", ""]
     swaps = [r for r in rows if r.get("ce_swapped") is not None]
     if swaps:
         largest = max(r["n"] for r in swaps)
         deltas = [r["ce_swapped"] - r["ce"] for r in swaps if r["n"] == largest]
         lines.append(
-            f"- **Swapped sources**: with each evaluation source replaced by another item's, cross-entropy rises by "
-            f"{min(deltas):+.3f} to {max(deltas):+.3f} nats at N={largest} across arms. A rise near zero means the "
-            "models barely use the source: the gain is in modelling the target language, not in translating."
+            f"- **Do the models use the source?** Barely, if at all: with each evaluation source swapped for another "
+            f"item's, cross-entropy rises by {min(deltas):+.3f} to {max(deltas):+.3f} nats at N={largest}. The gains "
+            "above are in modelling the target text more than in using the input."
+            if max(deltas) < 0.1
+            else f"- **Do the models use the source?** Yes: swapping the sources raises cross-entropy by "
+            f"{min(deltas):+.3f} to {max(deltas):+.3f} nats at N={largest}."
+        )
+    lines += ["", "## Cross-entropy per cell", "", *_ce_table(analysis), "", "## Controls", ""]
+    if swaps:
+        lines.append(
+            "- **Swapped sources**: each evaluation item scored with another item's source (the same targets): "
+            + ", ".join(f"{r['arm']} N={r['n']} {r['ce_swapped'] - r['ce']:+.3f}" for r in swaps if r["n"] == largest)
+            + "."
         )
     if references:
         shown = ", ".join(f"{k} chrF {v['chrf']:.1f} / BLEU {v['bleu']:.1f}" for k, v in references.items())
@@ -322,10 +342,24 @@ def report(rows: list[dict], analysis: dict, references: dict, context: dict, ou
         shown = "; ".join(
             f"{k}: {v['items']}" if v["items"] is not None else f"{k}: not checked" for k, v in contamination.items()
         )
-        lines.append(f"- **Contamination** (evaluation items sharing an n-gram, after the exclusions): {shown}.")
+        excluded = "; ".join(
+            f"{k}: {v['held_out_pages_excluded']} held-out pages and {v['overlapping_documents_excluded']} overlapping "
+            "documents excluded"
+            for k, v in contamination.items()
+            if "held_out_pages_excluded" in v
+        )
+        removed = {k: v for k, v in context.get("data", {}).items() if k.startswith("eval_items_removed")}
+        lines.append(
+            f"- **Contamination**: evaluation items that share text with each source after the exclusions: {shown}. "
+            f"Excluded to get there: {excluded or 'nothing'}"
+            + (f"; evaluation items removed: {removed}" if removed else "")
+            + "."
+        )
     lines += ["", "## Compute", "", "| stage | tokens | FLOPs |", "|---|---|---|"]
     for stage, value in context["compute"].items():
-        lines.append(f"| {stage} | {value['tokens']:,} | {value['flops']:.2e} |")
+        tokens = "not counted here" if value["tokens"] is None else f"{value['tokens']:,}"
+        flops = "unknown" if value["flops"] is None else f"{value['flops']:.2e}"
+        lines.append(f"| {stage} | {tokens} | {flops} |")
     lines += ["", "## What this can and cannot show", "", *[f"- {line}" for line in context["limits"]]]
     lines += ["", "![study](study.png)", ""]
     path = out / "report.md"

@@ -38,11 +38,10 @@ def _objective(theta, log_n, log_l, delta):
     return _huber(pred - log_l, delta).sum()
 
 
-def fit_power_law(
-    n, loss, starts: int = 64, delta: float = 1e-3, around: PowerLaw | None = None, seed: int = 0
-) -> PowerLaw:
-    """L(N) = E + A / N^alpha through the points (n, loss), n > 0. `starts` starting points on a grid (or, with
-    `around`, near an earlier fit: the bootstrap's refits); the best of their L-BFGS-B optima."""
+def fit_power_law(n, loss, starts: int = 64, delta: float = 1e-3, around: PowerLaw | None = None) -> PowerLaw:
+    """L(N) = E + A / N^alpha through the points (n, loss), n > 0: the best of the L-BFGS-B optima from `starts`
+    starting points on a grid, and from `around` (an earlier fit) when given; `around` with starts=1 refines that
+    fit alone (the bootstrap's refits: each resample moves the points a little, and the optimum with them)."""
     from scipy.optimize import minimize
 
     n, loss = np.asarray(n, dtype=float), np.asarray(loss, dtype=float)
@@ -50,18 +49,16 @@ def fit_power_law(
         raise ValueError(f"a power law needs three points or more with N > 0 and loss > 0, got N={n}, L={loss}")
     log_n, log_l = np.log(n), np.log(loss)
     low = math.log(loss.min())
-    if around is not None:
-        rng = np.random.default_rng(seed)
+    side = max(2, round(starts ** (1 / 3)))
+    grid = [
+        np.array(p)
+        for p in itertools.product(
+            np.linspace(0.0, 10.0, side), np.linspace(0.05, 1.5, side), np.linspace(low - 2.0, low - 0.01, side)
+        )
+    ]
+    if around is not None:  # a refit: from the earlier optimum (and the grid, unless starts is 1: the bootstrap's)
         center = np.array([math.log(max(around.A, 1e-12)), around.alpha, math.log(max(around.E, 1e-12))])
-        grid = [center] + [center + rng.normal(0, [0.5, 0.1, 0.05]) for _ in range(max(starts - 1, 0))]
-    else:
-        side = max(2, round(starts ** (1 / 3)))
-        grid = [
-            np.array(p)
-            for p in itertools.product(
-                np.linspace(0.0, 10.0, side), np.linspace(0.05, 1.5, side), np.linspace(low - 2.0, low - 0.01, side)
-            )
-        ]
+        grid = [center] if starts <= 1 else [center, *grid]
     bounds = [(-20.0, 40.0), (0.0, 3.0), (low - 10.0, low + 1.0)]
     best = None
     for start in grid:

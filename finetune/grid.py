@@ -5,7 +5,6 @@ recipe keys changed since it finished is refused, naming the keys."""
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import random
@@ -255,85 +254,84 @@ def epochs(cfg: StudyRecipe, size: int) -> float:
 # What decides a cell's result: recorded when it starts, compared when the study runs again
 # ----------------------------------------------------------------------------------------------------------
 
-# Keys no cell's result depends on: where and how jobs run, the analysis, the grid's other points.
-_NOT_RESULTS = ("study.", "fit.", "print_recipe", "sft.sizes", "sft.seeds", "cpt.steps", "cpt.control")
+
+def data_keys(cfg: StudyRecipe) -> dict:
+    """The study's keys its data files follow from (the contamination threshold is a check, not an input)."""
+    tree = config.to_dict(cfg)
+    return {"data": tree["data"], "sizes": cfg.sft.sizes} | {
+        "ngrams": [cfg.contamination.word_ngram, cfg.contamination.char_ngram]
+    }
 
 
-def _flat(tree, prefix: str = "") -> dict:
-    if isinstance(tree, dict):
-        return {k: v for key, value in tree.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
-    return {prefix.rstrip("."): tree}
+def cell_record(cell: Cell, sft: dict | None, evaluation: dict, arm: dict[str, dict], data: dict) -> dict:
+    """What a cell's result follows from: the SFT recipe it runs (resolved, its overrides applied), the evaluation's,
+    the pretraining recipes of its arm (the base the study builds, its CPT), the data keys."""
+    return {"arm": cell.arm.name, "n": cell.n, "seed": cell.seed, "data": data, "sft": sft, "eval": evaluation} | {
+        "pretraining": arm
+    }
 
 
-# Keys of the stage recipes that the study sets per cell or per arm (from keys it records itself).
-_SET_BY_STUDY = {
-    "sft": (
-        "model.name_or_path",
-        "data.datasets",
-        "data.eval_datasets",
-        "training.output_dir",
-        "training.num_epochs",
-        "training.eval_every",
-        "training.seed",
-        "training.keep_best",
-        "resume",
-    ),
-    "pretrain": ("model.base", "training.output_dir", "training.max_steps", "resume"),
-}
+def _changes(part: str, old, new) -> list[str]:
+    from finetune.checkpoints import changed_keys
+
+    if old is None or new is None:
+        return [] if old == new else [f"{part} was {old!r}, now {new!r}"[:300]]
+    return [f"{part}.{change}" for change in changed_keys(old, new)]
 
 
-@functools.cache
-def _stage_recipe(stage: str, name: str, overrides: tuple[str, ...]) -> dict:
-    """A stage recipe as the study runs it, flattened, less the keys the study sets per cell or arm: an edit to the
-    recipe's file changes a cell's result as surely as an edit to the study's recipe."""
-    from finetune.config.pretrain import PretrainRecipe
-    from finetune.config.sft import SFTRecipe
-
-    schema = SFTRecipe if stage == "sft" else PretrainRecipe
-    flat = _flat(config.to_dict(config.load([f"recipe={name}", *overrides], schema)[0]))
-    return {k: v for k, v in flat.items() if not k.startswith(_SET_BY_STUDY[stage]) and not k.endswith(".exclude")}
-
-
-def decisive_keys(cfg: StudyRecipe, cell: Cell) -> dict:
-    """The recipe keys (dotted) a cell's result depends on: the study's, and those of the SFT recipe it fine-tunes
-    with, the CPT recipe of its arm and the pretraining recipe of a base the study builds (prefixed sft_recipe.,
-    cpt_recipe., base_recipe.). The corpora's exclusions follow from the data keys."""
-    keys = {k: v for k, v in _flat(config.to_dict(cfg)).items() if not k.startswith(_NOT_RESULTS)}
-    if cell.arm.kind in ("base", "scratch"):
-        keys = {k: v for k, v in keys.items() if not k.startswith(("cpt.", "scratch"))}
-    if cell.arm.kind != "scratch":
-        keys.pop("scratch", None)
-    stages = [("sft_recipe", "sft", cfg.sft.recipe, cfg.sft.overrides)]
-    if cell.arm.kind in ("cpt", "control"):
-        stages.append(("cpt_recipe", "pretrain", cfg.cpt.recipe, cfg.cpt.overrides))
-    if cfg.base.path is None:
-        stages.append(("base_recipe", "pretrain", cfg.base.recipe, cfg.base.overrides))
-    for prefix, stage, name, overrides in stages:
-        keys |= {f"{prefix}.{k}": v for k, v in _stage_recipe(stage, name, tuple(overrides)).items()}
-    return keys
-
-
-def check_finished(cfg: StudyRecipe, found: list[Cell]) -> None:
-    """Refuse to run where a finished cell would now be computed differently, naming the keys."""
-    for cell in found:
+def check_finished(found: list[tuple[Cell, dict]]) -> None:
+    """Refuse to run where a finished cell would now be computed differently, naming the keys. Keys a resume may
+    change (logging, checkpoint cadence, output folders: checkpoints.MAY_CHANGE) are not compared."""
+    for cell, new in found:
         recorded = cell.folder / CELL_FILE
         if not (cell.eval_dir / "results.json").is_file() or not recorded.is_file():
             continue
-        old = json.loads(recorded.read_text())["keys"]
-        new = decisive_keys(cfg, cell)
-        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        old = json.loads(recorded.read_text())
+        changed = _changes("data", old.get("data"), new["data"]) + _changes("sft", old.get("sft"), new["sft"])
+        changed += _changes("eval", old.get("eval"), new["eval"])
+        for stage in set(old.get("pretraining", {})) | set(new["pretraining"]):
+            changed += _changes(stage, old.get("pretraining", {}).get(stage), new["pretraining"].get(stage))
         if changed:
-            shown = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:6])
             raise RecipeError(
-                f"cell {cell.name} finished under other settings, which would change its result: {shown}. Set them "
-                f"back, or write this study to another study.output_dir"
+                f"cell {cell.name} finished under other settings, which would change its result: "
+                f"{'; '.join(changed[:6])}. Set them back, or write this study to another study.output_dir"
             )
 
 
-def record(cfg: StudyRecipe, cell: Cell) -> None:
+def check_data(found: list[Cell], keys: dict) -> None:
+    """The data keys alone, before the data files are made again for other keys."""
+    for cell in found:
+        recorded = cell.folder / CELL_FILE
+        if (cell.eval_dir / "results.json").is_file() and recorded.is_file():
+            changed = _changes("data", json.loads(recorded.read_text()).get("data"), keys)
+            if changed:
+                raise RecipeError(
+                    f"cell {cell.name} finished on other data: {'; '.join(changed[:6])}. Set them back, or write "
+                    "this study to another study.output_dir"
+                )
+
+
+def check_pretrained(name: str, folder: Path, recipe) -> None:
+    """A finished pretraining job (the base, a CPT budget) is reused only if it ran the recipe the study would run
+    now (its saved recipe.yaml against this one, keys a resume may change aside)."""
+    import yaml
+
+    from finetune.checkpoints import changed_keys
+
+    saved = folder / "recipe.yaml"
+    if not (folder / "metrics.json").is_file() or not saved.is_file():
+        return
+    changed = changed_keys(yaml.safe_load(saved.read_text(encoding="utf-8")), config.to_dict(recipe))
+    if changed:
+        raise RecipeError(
+            f"{name} ({folder}) was trained under other settings than the study's now: {'; '.join(changed[:6])}. "
+            "Set them back, or write this study to another study.output_dir"
+        )
+
+
+def record(cell: Cell, keys: dict) -> None:
     cell.folder.mkdir(parents=True, exist_ok=True)
-    info = {"arm": cell.arm.name, "n": cell.n, "seed": cell.seed, "keys": decisive_keys(cfg, cell)}
-    (cell.folder / CELL_FILE).write_text(json.dumps(info, indent=2, ensure_ascii=False))
+    (cell.folder / CELL_FILE).write_text(json.dumps(keys, indent=2, ensure_ascii=False, default=str))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -350,31 +348,99 @@ def script(name: str) -> str:
     return str(Path(__file__).resolve().parent / f"{name}.py")
 
 
-def decontaminated(recipe_name: str, overrides: list[str], pages: list[str], index) -> tuple[list[str], dict]:
-    """Overrides that leave out of each corpus of a pretraining recipe the study's held-out pages (manual-page
-    corpora: names relative to the corpus's folder, as the pages are named) and every document that shares an
-    n-gram with an evaluation item (a copy of a held-out page under another name, shared boilerplate); and per corpus
-    what was found. The corpora's text caches are built here if absent (the pretraining run reuses them)."""
-    from finetune import corpus
+# ----------------------------------------------------------------------------------------------------------
+# Decontamination: what the models learn from shares no text with the evaluation items
+# ----------------------------------------------------------------------------------------------------------
+
+
+def pretraining_recipe(name: str, overrides: list[str]):
     from finetune.config.pretrain import PretrainRecipe
 
-    recipe = config.load([f"recipe={recipe_name}", *overrides], PretrainRecipe)[0]
+    return config.load([f"recipe={name}", *overrides], PretrainRecipe)[0]
+
+
+def _held(spec, pages: list[str]) -> set[str]:
+    """The held-out pages, for a corpus of manual pages (named as the pages are, relative to its folder)."""
+    return set(pages) if spec.format == "man" or "/man" in spec.path else set()
+
+
+def corpus_documents(spec, data, pages: list[str], held_found: list | None = None):
+    """(name, text) of every document a corpus would train on (both splits: validation text is read too) but the
+    held-out pages (their names, where present, go to `held_found`) and the corpus's own exclusions. Builds the text
+    cache if absent (pretraining reuses it)."""
+    from finetune import corpus
+
+    text_dir = corpus.extract_text(spec, data)
+    skip, held = corpus._Excluded(corpus.exclusions(spec)), _held(spec, pages)
+    for split in ("train", "val"):
+        with (text_dir / f"{split}.jsonl").open(encoding="utf-8") as f:
+            for line in f:
+                doc = json.loads(line)
+                if doc["name"] in held:
+                    if held_found is not None:
+                        held_found.append(doc["name"])
+                elif not skip(doc["name"]):
+                    yield doc["name"], doc["text"]
+
+
+def found_whole(recipes: list, pages: list[str], index) -> dict[str, set[int]]:
+    """Per corpus, the evaluation items whose texts, too short for an n-gram, occur whole in it: those items are
+    removed from the evaluation (a page's text can't be excluded for a phrase that a hundred pages share)."""
+    found = {}
+    for stage, recipe in recipes:
+        for spec in recipe.data.corpora:
+            hits = set()
+            for _, text in corpus_documents(spec, recipe.data, pages):
+                hits |= index.items_in(text) & index.short_items
+            found[f"{stage} corpus {spec.name}"] = hits
+    return found
+
+
+def decontaminated(recipe, pages: list[str], index, folder: Path) -> tuple[list[str], dict]:
+    """Overrides (to append after the user's) that leave out of each corpus of a pretraining recipe the held-out
+    pages and every document sharing an n-gram with an evaluation item (a copy of a held-out page under another
+    name, a paragraph two pages share); their names go to a file named by a hash of its contents (a command line
+    can't hold thousands). And, per corpus, what was left out."""
+    import hashlib
+
     out, found = [], {}
     for i, spec in enumerate(recipe.data.corpora):
-        text_dir = corpus.extract_text(spec, recipe.data)
-        held = set(pages) if spec.format == "man" or "/man" in spec.path else set()
-        overlapping = set()
-        for split in ("train", "val"):
-            with (text_dir / f"{split}.jsonl").open(encoding="utf-8") as f:
-                for line in f:
-                    doc = json.loads(line)
-                    if doc["name"] not in held and index.items_in(doc["text"]):
-                        overlapping.add(doc["name"])
-        exclude = sorted(set(spec.exclude) | held | overlapping)
-        if exclude:
-            out.append(f"data.corpora.{i}.exclude={json.dumps(exclude, ensure_ascii=False)}")
-        found[spec.name] = {"held_out_pages": len(held), "overlapping_documents": sorted(overlapping)}
+        held, present = _held(spec, pages), []
+        overlapping = sorted(
+            name
+            for name, text in corpus_documents(spec, recipe.data, pages, present)
+            if index.items_in(text, whole=False)
+        )
+        names = sorted(held | set(overlapping))
+        if names:
+            text = "\n".join(names) + "\n"
+            file = folder / f"exclude-{spec.name}-{hashlib.sha1(text.encode()).hexdigest()[:12]}.txt"
+            file.write_text(text, encoding="utf-8")
+            out.append(f"data.corpora.{i}.exclude_from={file}")
+        found[spec.name] = {"held_out_pages": len(present), "overlapping_documents": overlapping}
     return out, found
+
+
+def drop_items(cfg: StudyRecipe, files: TaskFiles, items: set[int], why: str) -> TaskFiles:
+    """Remove evaluation items (indices into eval.jsonl), rebuild the swapped control, and count them in the data's
+    stats under `why`."""
+    if not items:
+        return files
+    records = [json.loads(line) for line in files.eval.read_text(encoding="utf-8").splitlines()]
+    kept = [r for i, r in enumerate(records) if i not in items]
+    if len(kept) < 2:
+        raise DataError(f"{len(items)} of {len(records)} evaluation items are {why}: too few remain to evaluate")
+    _write(files.eval, kept)
+    if files.format == "alpaca":
+        _write(files.eval_swapped, _swapped(kept, "input", cfg.data.seed))
+    else:
+        _write(files.eval_swapped, _swap_last_user(kept, cfg.data.seed))
+    meta_file = files.folder / "meta.json"
+    meta = json.loads(meta_file.read_text())
+    meta["stats"][f"eval_items_removed_{why}"] = meta["stats"].get(f"eval_items_removed_{why}", 0) + len(items)
+    meta["stats"]["eval_pairs_used"] = len(kept)
+    meta_file.write_text(json.dumps(meta, indent=2, ensure_ascii=False))
+    return _files(cfg, files.folder, meta)
 
 
 def pretrain_command(launch: list[str], recipe: str, out: Path, overrides: list[str]) -> list[str]:
@@ -397,19 +463,18 @@ def control_overrides(cfg: StudyRecipe) -> list[str]:
     return [f"data.corpora.{i}.weight=0" for i in targets]
 
 
-def sft_command(cfg: StudyRecipe, launch: list[str], cell: Cell, files: TaskFiles) -> list[str]:
+def sft_args(cfg: StudyRecipe, cell: Cell, files: TaskFiles) -> list[str]:
+    """A cell's SFT command-line: the study's SFT recipe with the cell's model, data, epochs and seed."""
     data = f"[{{path: '{files.sizes[cell.n]}', format: {files.format}}}]"
     dev = f"[{{path: '{files.dev}', format: {files.format}}}]"
     return [
-        *launch,
-        script("sft"),
         f"recipe={cfg.sft.recipe}",
         f"model.name_or_path={cell.arm.model}",
         f"data.datasets={data}",
         f"data.eval_datasets={dev}",
         f"training.output_dir={cell.sft_dir}",
         f"training.num_epochs={epochs(cfg, files.train_size if cell.n == -1 else cell.n)}",
-        f"training.eval_every={1 / cfg.sft.evals_per_cell}",
+        f"training.eval_every={1 / cfg.sft.evals_per_cell:.6f}",
         f"training.seed={cell.seed}",
         "training.keep_best=true",
         *cfg.sft.overrides,

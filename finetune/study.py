@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 
 from finetune import config
+from finetune.config.eval import EvalRecipe
+from finetune.config.sft import SFTRecipe
 from finetune.config.study import StudyRecipe
 from finetune.errors import DataError, run_cli
 
@@ -57,56 +59,78 @@ def run(cfg: StudyRecipe, recipe_file: Path | None = None) -> dict:
     # ------------------------------------------------------------------------------------------------------
     # Data: the task's splits, nested subsets, the swapped-source control
     # ------------------------------------------------------------------------------------------------------
+    cells = grid.cells(cfg, out)
+    data_keys = grid.data_keys(cfg)
+    grid.check_data(cells, data_keys)  # before the data files are rewritten for other keys
     files = grid.prepare_data(cfg, out / "data")
     log.info("data: %s", json.dumps(files.stats))
-    cells = grid.cells(cfg, out)
-    grid.check_finished(cfg, cells)  # before anything runs: a changed key would silently mix two studies
 
     # ------------------------------------------------------------------------------------------------------
     # Contamination: evaluation items against every corpus and fine-tuning set the models learn from
     # ------------------------------------------------------------------------------------------------------
-    launch = jobs.launcher(cfg.study)
-    index = evaluation_index(cfg, files)
-    base_excl, base_found = [], {}
+    recipes = {"cpt": grid.pretraining_recipe(cfg.cpt.recipe, cfg.cpt.overrides)}
     if cfg.base.path is None:  # the study pretrains the base: its corpora are decontaminated like CPT's
-        base_excl, base_found = grid.decontaminated(cfg.base.recipe, cfg.base.overrides, files.excluded_pages, index)
-    cpt_excl, cpt_found = grid.decontaminated(cfg.cpt.recipe, cfg.cpt.overrides, files.excluded_pages, index)
-    contamination = check_contamination(cfg, files, index, base_excl, cpt_excl, {"base": base_found, "cpt": cpt_found})
+        recipes = {"base": grid.pretraining_recipe(cfg.base.recipe, cfg.base.overrides)} | recipes
+    index = evaluation_index(cfg, files)
+    # an item too short for an n-gram that a corpus holds whole leaves the evaluation set
+    whole = grid.found_whole(list(recipes.items()), files.excluded_pages, index)
+    files = grid.drop_items(cfg, files, set().union(*whole.values()), "found_whole_in_a_corpus")
+    index = evaluation_index(cfg, files)
+    exclusions, found = {}, {}
+    for stage, recipe in recipes.items():  # appended after the user's overrides, so none can drop them
+        exclusions[stage], found[stage] = grid.decontaminated(recipe, files.excluded_pages, index, files.folder)
+    contamination = check_contamination(cfg, files, index, exclusions, found)
 
     # ------------------------------------------------------------------------------------------------------
     # Jobs: the base (when absent), CPT at each budget and its control, then every cell (SFT, evaluation)
     # ------------------------------------------------------------------------------------------------------
+    launch = jobs.launcher(cfg.study)
     arms = {a.name: a for a in grid.arms(cfg, out)}
-    work: list[jobs.Job] = []
     base = arms["base"]
+    work: list[jobs.Job] = []
+    pretraining: dict[str, dict] = {}  # arm -> {stage: the resolved recipe it trains with}
     if cfg.base.path is None:
-        command = grid.pretrain_command(launch, cfg.base.recipe, Path(base.model), [*base_excl, *cfg.base.overrides])
+        overrides = [*cfg.base.overrides, *exclusions["base"]]
+        recipe = grid.pretraining_recipe(cfg.base.recipe, [*overrides, f"training.output_dir={base.model}"])
+        grid.check_pretrained("the base", Path(base.model), recipe)
+        pretraining["base"] = {"base": config.to_dict(recipe)}
+        command = grid.pretrain_command(launch, cfg.base.recipe, Path(base.model), overrides)
         work.append(jobs.Job("base", [command], out / "logs" / "base.log", Path(base.model) / "metrics.json"))
     for arm in arms.values():
+        chain = {"base": pretraining["base"]["base"]} if cfg.base.path is None else {}
         if arm.kind in ("cpt", "control"):
-            overrides = [f"model.base={base.model}", f"training.max_steps={arm.steps}", *cpt_excl, *cfg.cpt.overrides]
-            if arm.kind == "control":
-                overrides += grid.control_overrides(cfg)
+            overrides = [f"model.base={base.model}", f"training.max_steps={arm.steps}", *cfg.cpt.overrides]
+            overrides += exclusions["cpt"] + (grid.control_overrides(cfg) if arm.kind == "control" else [])
+            recipe = grid.pretraining_recipe(cfg.cpt.recipe, [*overrides, f"training.output_dir={arm.model}"])
+            grid.check_pretrained(arm.name, Path(arm.model), recipe)
+            chain["cpt"] = config.to_dict(recipe)
             command = grid.pretrain_command(launch, cfg.cpt.recipe, Path(arm.model), overrides)
             after = ["base"] if cfg.base.path is None else []
-            work.append(
-                jobs.Job(arm.name, [command], out / "logs" / f"{arm.name}.log", Path(arm.model) / "metrics.json", after)
-            )
+            log_file, done_file = out / "logs" / f"{arm.name}.log", Path(arm.model) / "metrics.json"
+            work.append(jobs.Job(arm.name, [command], log_file, done_file, after))
+        pretraining[arm.name] = chain
     if "scratch" in arms and cfg.base.path is None:
-        work.append(scratch_job(arms["scratch"], base, out))
+        work.append(scratch_job(arms["scratch"], base, out, cfg.data.seed))
     elif "scratch" in arms:
         make_scratch(str(base.model), str(arms["scratch"].model), cfg.data.seed)
     eval_recipe = grid.eval_recipe(cfg, files, out / "eval-cell.yaml")
+    evaluation = config.to_dict(config.load([f"recipe={eval_recipe}"], EvalRecipe)[0])
+    evaluation.pop("model")
+    planned = []
+    for cell in cells:
+        sft = config.to_dict(config.load(grid.sft_args(cfg, cell, files), SFTRecipe)[0]) if cell.n != 0 else None
+        planned.append((cell, grid.cell_record(cell, sft, evaluation, pretraining[cell.arm.name], data_keys)))
+    grid.check_finished(planned)  # before anything runs: a changed key would silently mix two studies
     # Longest first (examples trained on): the short cells fill the gaps at the end instead of one long cell
     # running alone while the other slots idle
-    cost = {c.name: (files.train_size if c.n == -1 else c.n) * grid.epochs(cfg, max(c.n, 1)) for c in cells}
-    for cell in sorted(cells, key=lambda c: -cost[c.name]):
-        commands = ([grid.sft_command(cfg, launch, cell, files)] if cell.n != 0 else []) + [
-            grid.eval_command(cell, eval_recipe)
-        ]
+    sizes = {c.name: files.train_size if c.n == -1 else c.n for c in cells}
+    cost = {name: n * grid.epochs(cfg, max(n, 1)) for name, n in sizes.items()}
+    for cell, keys in sorted(planned, key=lambda p: -cost[p[0].name]):
+        commands = [[*launch, grid.script("sft"), *grid.sft_args(cfg, cell, files)]] if cell.n != 0 else []
+        commands.append(grid.eval_command(cell, eval_recipe))
         after = [cell.arm.name] if cell.arm.name in {j.name for j in work} else []
         if not (cell.eval_dir / "results.json").is_file():
-            grid.record(cfg, cell)
+            grid.record(cell, keys)
         work.append(jobs.Job(cell.name, commands, cell.folder / "log.txt", cell.eval_dir / "results.json", after))
     pending = [j for j in work if not j.done.exists()]
     skipped = len(work) - len(pending)
@@ -159,36 +183,38 @@ def evaluation_index(cfg: StudyRecipe, files):
     )
 
 
-def check_contamination(cfg: StudyRecipe, files, index, base_excl: list[str], cpt_excl: list[str], found: dict) -> dict:
-    """Share of evaluation items sharing an n-gram with each corpus the models learn from (their training text as it
-    will be tokenised: exclusions applied) and with the fine-tuning and dev sets; refuse above
-    contamination.max_share. A base given by path is checked against the corpora its run recorded, if any."""
-    from finetune import corpus
+def check_contamination(cfg: StudyRecipe, files, index, exclusions: dict, found: dict) -> dict:
+    """How many evaluation items share text with each corpus the models learn from (its training and validation
+    text as it will be tokenised: every exclusion applied) and with the fine-tuning and dev sets; refuse above
+    contamination.max_share. A base given by path is checked against the corpora its run recorded, if any: those
+    the study can't change. Each count comes with what was excluded to reach it."""
+    import yaml
+
+    from finetune import grid
     from finetune.config.pretrain import PretrainRecipe
 
+    recipes = []
+    for stage, name, overrides in (
+        ("base", cfg.base.recipe, cfg.base.overrides),
+        ("cpt", cfg.cpt.recipe, cfg.cpt.overrides),
+    ):
+        if stage in exclusions:
+            recipes.append((stage, grid.pretraining_recipe(name, [*overrides, *exclusions[stage]])))
     sources: dict[str, object] = {}
-    recipes = [("cpt", config.load([f"recipe={cfg.cpt.recipe}", *cpt_excl, *cfg.cpt.overrides], PretrainRecipe)[0])]
-    if cfg.base.path is None:
-        recipes.insert(
-            0, ("base", config.load([f"recipe={cfg.base.recipe}", *base_excl, *cfg.base.overrides], PretrainRecipe)[0])
-        )
-    elif (Path(cfg.base.path) / "recipe.yaml").is_file() and (Path(cfg.base.path) / "lineage.json").is_file():
-        import yaml
-
-        saved = yaml.safe_load((Path(cfg.base.path) / "recipe.yaml").read_text(encoding="utf-8"))
-        recipes.insert(0, ("base", config.build(PretrainRecipe, saved)))
-    else:
+    saved = Path(cfg.base.path or "") / "recipe.yaml"
+    if cfg.base.path and saved.is_file() and (saved.parent / "lineage.json").is_file():  # a pretraining run
+        recipes.insert(0, ("base", config.build(PretrainRecipe, yaml.safe_load(saved.read_text(encoding="utf-8")))))
+    elif cfg.base.path:
         sources[f"the base's own pretraining data ({cfg.base.path})"] = None  # a Hub model: not checkable here
     for stage, recipe in recipes:
         for spec in recipe.data.corpora:
-            text_dir = corpus.extract_text(spec, recipe.data)  # cached; the pretraining run reuses it
-            sources[f"{stage} corpus {spec.name}"] = corpus.read_texts(text_dir, "train", spec.exclude)
+            sources[f"{stage} corpus {spec.name}"] = (t for _, t in grid.corpus_documents(spec, recipe.data, []))
     for name, path in (("fine-tuning set", files.folder / "train.jsonl"), ("dev set", files.dev)):
         sources[name] = (line for line in path.read_text(encoding="utf-8").splitlines())
     result = {}
     for name, documents in sources.items():
         stage, _, corpus_name = name.partition(" corpus ")
-        removed = found.get(stage, {}).get(corpus_name, {})
+        removed = found.get(stage, {}).get(corpus_name)
         entry = {}
         if removed:
             entry["held_out_pages_excluded"] = removed["held_out_pages"]
@@ -199,7 +225,7 @@ def check_contamination(cfg: StudyRecipe, files, index, base_excl: list[str], cp
         hits = index.hits(documents)
         result[name] = entry | {"items": len(hits), "share": round(len(hits) / index.size, 4)}
         log.info(
-            "contamination: %d of %d evaluation items share an n-gram with the %s%s",
+            "contamination: %d of %d evaluation items share text with the %s%s",
             len(hits),
             index.size,
             name,
@@ -213,7 +239,8 @@ def check_contamination(cfg: StudyRecipe, files, index, base_excl: list[str], cp
         shown = "; ".join(f"{k}: {v['items']} items ({100 * v['share']:.1f}%)" for k, v in worst.items())
         raise DataError(
             f"the evaluation set overlaps what the models train on beyond contamination.max_share="
-            f"{cfg.contamination.max_share}: {shown}. Exclude those documents from the corpora, or choose other pages"
+            f"{cfg.contamination.max_share}: {shown}. A base pretrained elsewhere can't be cleaned by the study: "
+            "set base.path=null to have it pretrain one without the evaluation pages, or choose other pages"
         )
     return result
 
@@ -236,10 +263,10 @@ def make_scratch(base: str, out: str, seed: int) -> None:
     tmp.rename(folder)
 
 
-def scratch_job(arm, base, out: Path):
+def scratch_job(arm, base, out: Path, seed: int):
     from finetune import jobs
 
-    code = f"from finetune.study import make_scratch; make_scratch({str(base.model)!r}, {str(arm.model)!r}, 0)"
+    code = f"from finetune.study import make_scratch; make_scratch({str(base.model)!r}, {str(arm.model)!r}, {seed})"
     return jobs.Job(
         arm.name,
         [[sys.executable, "-c", code]],
@@ -279,6 +306,8 @@ def collect(cfg: StudyRecipe, cells, files) -> tuple[list[dict], dict]:
                 "char_f1": metric[("generation", "char_f1")],
                 "cpt_tokens": lineage.get("tokens_seen", 0) if cell.arm.kind in ("cpt", "control") else 0,
                 "sft_tokens": sft_metrics.get("train_tokens", 0),
+                "sft_trainable_params": sft_metrics.get("trainable_params"),
+                "sft_total_params": sft_metrics.get("total_params"),
                 "sft_steps": sft_metrics.get("global_step"),
                 "sft_best_step": sft_metrics.get("best_step"),
                 "sft_epochs": round(grid.epochs(cfg, n), 2) if cell.n != 0 else 0,
@@ -343,36 +372,48 @@ def reference_points(cfg: StudyRecipe, files, eval_recipe: Path) -> dict:
     }
 
 
-def flops_per_token(model_path: str, seq_len: int) -> int:
-    """Training FLOPs per token of every weight trained (throughput.flops_per_token, the suite's one formula), on
-    the model's shape alone (built on the meta device: no weights are read)."""
+def flops_per_token(model_path: str, seq_len: int) -> int | None:
+    """Training FLOPs per token with every weight trained (throughput.flops_per_token, the suite's one formula), on
+    the model's shape alone (its config, built on the meta device: no weights are read); None where the config can't
+    be had (a Hub model, offline)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from finetune.throughput import flops_per_token as formula
 
+    try:
+        shape = AutoConfig.from_pretrained(model_path)
+    except (OSError, ValueError):
+        return None
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path))
+        model = AutoModelForCausalLM.from_config(shape)
     return formula(model, seq_len)
 
 
 def add_costs(rows: list[dict], base_model: str) -> dict:
     """Tokens and FLOPs of each stage into every row (pretraining of the base, the arm's CPT, the cell's SFT), and
-    per stage for the report."""
+    per stage for the report. A frozen weight costs 4 FLOPs per token, not 6 (the one formula), so LoRA cells count
+    2 x their frozen weights less than full fine-tuning. FLOPs are None where the base's shape is unknown."""
     lineage_file = Path(base_model) / "lineage.json"
     lineage = json.loads(lineage_file.read_text()) if lineage_file.is_file() else {}
-    base_tokens = lineage.get("tokens_seen") or 0
-    seq_len = lineage.get("seq_len") or 2048
-    fpt = flops_per_token(base_model, seq_len) if Path(base_model).is_dir() else None
-    stages = {"pretraining (base)": {"tokens": base_tokens, "flops": base_tokens * (fpt or 0)}}
+    base_tokens = lineage.get("tokens_seen")  # None: pretrained elsewhere (a Hub model), not counted here
+    full = flops_per_token(base_model, lineage.get("seq_len") or 2048)
+
+    def flops(tokens, frozen=0):
+        return None if full is None or tokens is None else tokens * (full - 2 * frozen)
+
+    stages = {"pretraining (base)": {"tokens": base_tokens, "flops": flops(base_tokens)}}
     for r in rows:
         r["pretrain_tokens"] = 0 if r["kind"] == "scratch" else base_tokens
-        r["total_flops"] = (r["pretrain_tokens"] + r["cpt_tokens"] + r["sft_tokens"]) * (fpt or 0)
+        frozen = (r.pop("sft_total_params") or 0) - (r.pop("sft_trainable_params") or 0)
+        r["sft_flops"] = flops(r["sft_tokens"], frozen)
+        parts = [flops(r["pretrain_tokens"]), flops(r["cpt_tokens"]), r["sft_flops"]]
+        r["total_flops"] = None if None in parts else sum(parts)
         if r["kind"] in ("cpt", "control"):
-            stages.setdefault(f"CPT {r['arm']}", {"tokens": r["cpt_tokens"], "flops": r["cpt_tokens"] * (fpt or 0)})
+            stages.setdefault(f"CPT {r['arm']}", {"tokens": r["cpt_tokens"], "flops": flops(r["cpt_tokens"])})
         sft = stages.setdefault(f"SFT, all cells of {r['arm']}", {"tokens": 0, "flops": 0})
         sft["tokens"] += r["sft_tokens"]
-        sft["flops"] += r["sft_tokens"] * (fpt or 0)
+        sft["flops"] = None if sft["flops"] is None or r["sft_flops"] is None else sft["flops"] + r["sft_flops"]
     return stages
 
 
@@ -386,8 +427,16 @@ def limits(cfg: StudyRecipe, rows: list[dict], files, contamination: dict, refer
     ]
     if len(seeds) == 1:
         out.append(
-            "One fine-tuning seed per cell: the intervals cover evaluation items, not seed noise (the pilot measured "
-            "seed noise at <= 0.03 nats on this task); raise sft.seeds to include it."
+            "One fine-tuning seed per cell: the intervals cover evaluation items, not seed noise"
+            + (" (the pilot measured it at <= 0.03 nats on this task)" if cfg.data.source == "manpages" else "")
+            + "; raise sft.seeds to include it."
+        )
+    seen = {r["n"]: round(r["n"] * r["sft_epochs"]) for r in rows if r["n"] > 0}
+    if len(set(seen.values())) > 1:
+        out.append(
+            "The cells saw different numbers of examples ("
+            + ", ".join(f"N={n}: {e}" for n, e in sorted(seen.items()))
+            + "): epochs shrink as N grows, so part of what a larger N buys here is more training steps."
         )
     unfinished = [r for r in rows if r["n"] == sizes[-1] and r.get("sft_best_step") == r.get("sft_steps")]
     if unfinished:

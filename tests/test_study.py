@@ -211,6 +211,13 @@ def test_the_contamination_check_finds_a_planted_overlap(tmp_path):
     assert index.hits([clean, planted_en]) == {0}  # 13 words in a row
     assert index.hits([planted_ja]) == {0}  # 20 characters in a row, spaces ignored
     assert index.hits(["記録をすべて表示してから印刷"]) == set()  # 14 characters: below the n-gram
+    # a text too short for an n-gram is looked for whole
+    short = contamination.Index([["output version information and exit", "バージョン情報を表示して終了する"]], 13, 20)
+    assert short.short_items == {0}
+    assert short.hits(["--version\n  Output version information and exit."]) == {0}
+    assert short.hits(["このバージョン情報を表示して終了する。"]) == {0}
+    assert short.hits(["output version information"]) == set()
+    assert short.hits(["--version output version information and exit"], whole=False) == set()
     # in a corpus, the planted document is excluded (and listed), the others kept
     corpus_dir = tmp_path / "docs"
     corpus_dir.mkdir()
@@ -222,9 +229,15 @@ def test_the_contamination_check_finds_a_planted_overlap(tmp_path):
         f"data.cache_dir={tmp_path / 'cache'}",
         "data.val_fraction=0.1",
     ]
-    found_overrides, found = grid.decontaminated("pretrain-tiny", overrides, [], index)
+    recipe = grid.pretraining_recipe("pretrain-tiny", overrides)
+    found_overrides, found = grid.decontaminated(recipe, [], index, tmp_path)
     assert found["docs"]["overlapping_documents"] == ["planted.txt"]
-    assert found_overrides == ['data.corpora.0.exclude=["planted.txt"]']
+    (override,) = found_overrides
+    listed = Path(override.split("=", 1)[1])
+    assert override.startswith("data.corpora.0.exclude_from=") and listed.read_text() == "planted.txt\n"
+    cleaned = grid.pretraining_recipe("pretrain-tiny", [*overrides, override])
+    texts = [t for _, t in grid.corpus_documents(cleaned.data.corpora[0], cleaned.data, [])]
+    assert len(texts) == 2 and index.hits(texts) == set()  # what would be trained on no longer overlaps
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -283,23 +296,42 @@ def test_a_killed_study_resumes_without_redoing_finished_cells(tmp_path, man_roo
 
     # a key that decides the finished cells' results, changed: refused, naming it
     changed = subprocess.run(argv + ["eval.max_new_tokens=5"], cwd=REPO, env=env, capture_output=True, text=True)
-    assert changed.returncode == 2 and "eval.max_new_tokens: 4 -> 5" in changed.stderr, changed.stderr[-2000:]
+    assert changed.returncode == 2, changed.stderr[-2000:]
+    assert re.search(r"eval\.tasks\.2\.max_new_tokens was 4, now 5", changed.stderr), changed.stderr[-2000:]
 
 
-def test_a_changed_key_is_named_and_an_unrelated_one_is_not(tmp_path, man_roots, micro_base):
+def test_a_changed_key_is_named_and_a_harmless_one_is_not(tmp_path, man_roots, micro_base):
+    from finetune.config.sft import SFTRecipe
+
     en, ja = man_roots
     cfg = load_study(*study_args(tmp_path / "s", en, ja, micro_base, tmp_path))
     cell = grid.cells(cfg, tmp_path / "s")[1]
-    grid.record(cfg, cell)
-    (cell.eval_dir).mkdir(parents=True)
+
+    def keys(*sft_overrides):
+        sft = config.to_dict(config.load(["recipe=study-sft", *sft_overrides], SFTRecipe)[0])
+        return grid.cell_record(cell, sft, {"tasks": []}, {}, grid.data_keys(cfg))
+
+    grid.record(cell, keys())
+    cell.eval_dir.mkdir(parents=True)
     (cell.eval_dir / "results.json").write_text("{}")
-    grid.check_finished(
-        load_study(*study_args(tmp_path / "s", en, ja, micro_base, tmp_path, "fit.tolerance=0.1")), [cell]
-    )
-    with pytest.raises(RecipeError, match=r"sft.examples_per_cell: 32 -> 64"):
-        grid.check_finished(
-            load_study(*study_args(tmp_path / "s", en, ja, micro_base, tmp_path, "sft.examples_per_cell=64")), [cell]
-        )
+    grid.check_finished([(cell, keys("training.log_every=3", "training.eval_batch_size=2"))])  # logging, batching
+    with pytest.raises(RecipeError, match=r"sft\.training\.learning_rate was 0\.001, now 0\.002"):
+        grid.check_finished([(cell, keys("training.learning_rate=2e-3"))])
+    other = load_study(*study_args(tmp_path / "s", en, ja, micro_base, tmp_path, "data.eval_pages=5"))
+    with pytest.raises(RecipeError, match=r"data\.data\.eval_pages was 4, now 5"):
+        grid.check_data([cell], grid.data_keys(other))
+
+
+def test_a_finished_pretraining_run_is_reused_only_under_its_recipe(tmp_path):
+    import yaml
+
+    recipe = grid.pretraining_recipe("pretrain-tiny", [f"training.output_dir={tmp_path}"])
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(config.to_dict(recipe)))
+    (tmp_path / "metrics.json").write_text("{}")
+    grid.check_pretrained("the base", tmp_path, grid.pretraining_recipe("pretrain-tiny", ["training.log_every=5"]))
+    other = grid.pretraining_recipe("pretrain-tiny", ["data.corpora.1.exclude_from=/x/exclude-ja-123.txt"])
+    with pytest.raises(RecipeError, match=r"the base .* data\.corpora\.1\.exclude_from was None, now '/x/exclude"):
+        grid.check_pretrained("the base", tmp_path, other)
 
 
 @pytest.mark.parametrize("name", config.available("study"))

@@ -39,6 +39,9 @@ class CorpusSpec:
     """Documents left out of training, validation and tokenizer training: names relative to the corpus's folder
     (`man1/ls.1.gz` under `/usr/share/man`), glob patterns allowed; e.g. the study's evaluation pages. Applied to
     the cached text when it is tokenised (nothing is read again); the log counts them."""
+    exclude_from: str | None = None
+    """A file of further names to leave out, one per line (a list too long for a command line: the study writes
+    one, named by a hash of its contents)."""
     weight: float = 1.0
     """Share of training blocks drawn from this corpus; weights are normalised over the corpora, so
     `{ja: 0.8, en: 0.2}` replays 20% of an original English corpus during continued pretraining."""

@@ -98,6 +98,8 @@ class TrainingConfig(TrainingBase):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.eval_batch_size is not None and self.eval_batch_size <= 0:
+            raise RecipeError(f"training.eval_batch_size must be positive or null, got {self.eval_batch_size}")
         if self.gradient_accumulation_steps <= 0:
             raise RecipeError(
                 f"training.gradient_accumulation_steps must be positive, got {self.gradient_accumulation_steps}"

@@ -170,8 +170,15 @@ class StudyRecipe:
             raise RecipeError("sft.sizes needs at least three sizes above 0 to fit L(N) = E + A/N^alpha")
         if not self.cpt.steps or any(s <= 0 for s in self.cpt.steps):
             raise RecipeError(f"cpt.steps must be positive step counts, got {self.cpt.steps}")
-        if not self.sft.seeds:
-            raise RecipeError("sft.seeds is empty")
+        if not self.sft.seeds or len(set(self.sft.seeds)) < len(self.sft.seeds):
+            raise RecipeError(f"sft.seeds must be distinct, and at least one, got {self.sft.seeds}")
+        if self.sft.evals_per_cell < 2:
+            raise RecipeError(f"sft.evals_per_cell must be 2 or more (dev evaluations), got {self.sft.evals_per_cell}")
+        if not 0 < self.sft.min_epochs <= self.sft.max_epochs or self.sft.examples_per_cell <= 0:
+            raise RecipeError("sft needs 0 < min_epochs <= max_epochs and examples_per_cell > 0")
+        weighted = [d.path for d in self.data.pool + self.data.eval if d.weight != 1.0]
+        if weighted:
+            raise RecipeError(f"data.pool and data.eval take each record once; {weighted} have a weight")
         if self.data.source == "datasets" and not self.data.pool:
             raise RecipeError("data.source=datasets needs data.pool (the fine-tuning data)")
         if self.study.max_parallel <= 0:
