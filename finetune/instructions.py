@@ -121,8 +121,9 @@ def _check_refused(record: dict, spec: DatasetSpec, index: int, ignored: dict[st
         response = RESPONSE_FIELD.get(spec.format, "output")
         raise DataError(
             f"{where} has 'chosen' and 'rejected': {REFUSED_FIELDS['chosen']}, which SFT can't learn as one "
-            "answer. DPO training (finetune/dpo.py) is not in this version yet; to fine-tune on the preferred "
-            f"answers, map them: columns: {{{response}: chosen}}, ignore_fields: [rejected]"
+            "answer: train on the pairs with DPO (finetune/dpo.py, whose formats include LLaMA-Factory's alpaca and "
+            f"sharegpt preference files), or, to fine-tune on the preferred answers, map them: columns: "
+            f"{{{response}: chosen}}, ignore_fields: [rejected]"
         )
     field = found[0]
     if field in ("label", "kto_tag"):

@@ -78,3 +78,16 @@ def test_eval_benchmark_scores_both_ways_and_compares_the_answers(micro_base):
     assert {("loss", "batched"), ("loss", "one"), ("generation", "batched"), ("generation", "one")} <= rows, out
     assert re.search(r"loss: batched / one at a time = \d+\.\d\dx", out), out
     assert "greedy answers equal batched and one at a time: 4 of 4" in out, out
+
+
+def test_dpo_benchmark_runs_both_reference_modes_to_the_same_loss(micro_base):
+    out = bench(
+        "bench/dpo_throughput.py",
+        *("--model", str(micro_base), "--pairs", "4", "--batch", "2", "--max-length", "96"),
+    )
+    lines = [line for line in out.splitlines() if re.match(r"(per step|precomputed) +\d", line)]
+    rows = {("per step" if line.startswith("per step") else "precomputed"): line.split() for line in lines}
+    assert set(rows) == {"per step", "precomputed"}, out
+    # the same pairs, the same reference values: the same loss either way
+    assert abs(float(rows["per step"][-1]) - float(rows["precomputed"][-1])) < 1e-4, out
+    assert re.search(r"precomputed / per step: \d+\.\d\dx pairs/s", out), out

@@ -9,6 +9,7 @@ import shlex
 import pytest
 
 from finetune import config
+from finetune.config.dpo import DPORecipe
 from finetune.config.eval import EvalRecipe
 from finetune.config.loading import SCRIPTS, stage_of
 from finetune.config.pretrain import PretrainRecipe
@@ -17,7 +18,13 @@ from finetune.config.study import StudyRecipe
 
 from .conftest import REPO
 
-SCHEMAS = {"pretrain": PretrainRecipe, "sft": SFTRecipe, "eval": EvalRecipe, "study": StudyRecipe}
+SCHEMAS = {
+    "pretrain": PretrainRecipe,
+    "sft": SFTRecipe,
+    "dpo": DPORecipe,
+    "eval": EvalRecipe,
+    "study": StudyRecipe,
+}
 STAGE_OF_SCRIPT = {script: stage for stage, script in SCRIPTS.items()}
 PLACEHOLDERS = {"NAME", "path/to/file.yaml", "path/to.yaml"}
 

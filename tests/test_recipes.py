@@ -31,7 +31,14 @@ def test_the_documented_recipes_exist_in_their_stage_folders():
         "tinyllama-1b",
         "cpt-ja",
     }
-    assert sorted(p.name for p in (REPO / "recipes").iterdir()) == ["accelerate", "eval", "pretrain", "sft", "study"]
+    assert sorted(p.name for p in (REPO / "recipes").iterdir()) == [
+        "accelerate",
+        "dpo",
+        "eval",
+        "pretrain",
+        "sft",
+        "study",
+    ]
 
 
 @pytest.mark.parametrize(("stage", "name"), RECIPES, ids=[f"{s}/{n}" for s, n in RECIPES])

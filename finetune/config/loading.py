@@ -19,6 +19,7 @@ from finetune.errors import RecipeError
 SCRIPTS = {
     "pretrain": "finetune/pretrain.py",
     "sft": "finetune/sft.py",
+    "dpo": "finetune/dpo.py",
     "eval": "eval/evaluate.py",
     "study": "finetune/study.py",
 }
