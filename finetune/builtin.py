@@ -51,6 +51,8 @@ def bundled_texts(data_dir: Path = REPO_DATA):
                 yield from strings(v)
 
     for path in sorted(data_dir.glob("*")):
+        if path.name.startswith("preferences_"):
+            continue  # DPO pairs re-use the instruction files' texts: the tokenizer and pinned losses stay as they were
         if path.suffix == ".jsonl":
             for line in path.read_text(encoding="utf-8").splitlines():
                 if line.strip():

@@ -42,6 +42,9 @@ def main(argv: list[str]) -> dict:
     if (run := sft_run_of(cfg.model.name_or_path)) is not None:
         names.append(run.model.name_or_path)  # the base an SFT adapter is loaded on
     go_offline_if_unreachable([n for n in names if is_hub_id(n)])
+    from finetune import hub
+
+    hub.check_can_push(cfg.hub)  # before training, not after it
     return train(cfg, recipe_file)[1]
 
 

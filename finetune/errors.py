@@ -17,6 +17,10 @@ class HubUnreachableError(FinetuneError):
     """A model or dataset named by Hub ID could not be fetched (offline, or no network)."""
 
 
+class HubError(FinetuneError):
+    """A push to the Hub cannot happen (offline, no repository named, refused by the Hub) or a run can't be staged."""
+
+
 def run_cli(main, *args) -> None:
     """Run an entry point: a FinetuneError becomes one `error: ...` line and exit code 2, which
     finetune._launch_hook recognises to spare the user accelerate launch's traceback."""

@@ -1,6 +1,6 @@
 """Where a model came from, read from the run folders that made it: pretraining writes lineage.json (base,
-tokenizer, corpora, tokens); an SFT run's recipe.yaml names its base, data and method. Evaluation results carry it,
-and so will model cards."""
+tokenizer, corpora, tokens); an SFT or DPO run's recipe.yaml names its base (or policy), data and method, its
+metrics.json the tokens and losses. Evaluation results and model cards (finetune/card.py) carry it."""
 
 from __future__ import annotations
 
@@ -17,12 +17,35 @@ def lineage(name_or_path: str, depth: int = 0) -> dict:
     folder = Path(name_or_path)
     if not folder.is_dir():
         return {"hub_id": name_or_path} if is_hub_id(name_or_path) else {"name": name_or_path}
+    metrics_file = folder / "metrics.json"
+    metrics = json.loads(metrics_file.read_text(encoding="utf-8")) if metrics_file.is_file() else {}
     if (folder / "lineage.json").is_file():
-        return {"path": str(folder)} | json.loads((folder / "lineage.json").read_text(encoding="utf-8"))
+        found = {"path": str(folder)} | json.loads((folder / "lineage.json").read_text(encoding="utf-8"))
+        if found.get("built_by") == "finetune.pretrain":  # a pretraining run: its final losses from metrics.json
+            found["stage"] = "cpt" if found.get("base") else "pretrain"
+            found["train_loss"] = metrics.get("final_train_loss")
+            found["val_loss"] = (metrics.get("final_val") or {}).get("val_loss")
+        return found
+    dpo = dpo_recipe(folder)
+    if dpo is not None:
+        return {
+            "path": str(folder),
+            "stage": "dpo",
+            "method": "full" if dpo["lora"].get("method") == "full" else "lora",
+            "datasets": [d["path"] for d in dpo["data"]["datasets"]],
+            "prompt_style": metrics.get("prompt_style"),
+            "beta": dpo["dpo"].get("beta"),
+            "loss_type": dpo["dpo"].get("loss_type"),
+            "reference": metrics.get("reference"),
+            "train_tokens": metrics.get("train_tokens"),
+            "train_loss": metrics.get("train_loss"),
+            "held_out_before": metrics.get("held_out_before"),
+            "held_out_after": metrics.get("held_out_after"),
+            "base": dpo["model"]["name_or_path"],  # the policy DPO started from
+            "base_lineage": lineage(dpo["model"]["name_or_path"], depth + 1) if depth < 8 else None,
+        }
     run = modeling.run_recipe(folder)
     if run is not None:
-        metrics_file = folder / "metrics.json"
-        metrics = json.loads(metrics_file.read_text(encoding="utf-8")) if metrics_file.is_file() else {}
         return {
             "path": str(folder),
             "stage": "sft",
@@ -39,3 +62,27 @@ def lineage(name_or_path: str, depth: int = 0) -> dict:
         base = json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
         return {"path": str(folder), "stage": "adapter", "base": base}
     return {"path": str(folder)}
+
+
+def dpo_recipe(folder: str | Path) -> dict | None:
+    """A DPO run's saved recipe (as plain data), or None where the folder holds no DPO run."""
+    import yaml
+
+    file = Path(folder) / "recipe.yaml"
+    if not file.is_file():
+        return None
+    saved = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+    return saved if isinstance(saved.get("dpo"), dict) else None
+
+
+def chain(found: dict) -> list[dict]:
+    """A lineage as a list, oldest first (pretrain -> CPT -> SFT -> DPO), each entry without its base's lineage."""
+    stages = []
+    while found:
+        entry = {k: v for k, v in found.items() if k != "base_lineage"}
+        if "stage" not in entry:  # a base's lineage.json as saved inside a CPT run's, or a Hub ID
+            pretrained = entry.get("built_by") == "finetune.pretrain"
+            entry["stage"] = ("cpt" if entry.get("base") else "pretrain") if pretrained else "base"
+        stages.append(entry)
+        found = found.get("base_lineage")
+    return stages[::-1]

@@ -159,8 +159,8 @@ def run_recipe(folder: str | Path):
     if not file.is_file():
         return None
     saved = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
-    if not isinstance(saved.get("data"), dict) or "datasets" not in saved["data"]:
-        return None  # another stage's recipe (pretraining has data.corpora)
+    if not isinstance(saved.get("data"), dict) or "datasets" not in saved["data"] or "dpo" in saved:
+        return None  # another stage's recipe (pretraining has data.corpora, DPO a dpo section)
     training = saved.get("training") or {}  # a run saved before the knobs were renamed still loads
     saved["training"] = {RENAMED.get(k, k): v for k, v in training.items()}
     try:

@@ -47,6 +47,9 @@ def main(argv: list[str]) -> dict:
 
     names = [cfg.model.base or "", cfg.tokenizer.name_or_path or ""] + [c.path for c in cfg.data.corpora]
     go_offline_if_unreachable([n for n in names if is_hub_id(n)])
+    from finetune import hub
+
+    hub.check_can_push(cfg.hub)  # before training, not after it
     return train(cfg, recipe_file)
 
 
@@ -407,6 +410,10 @@ def train(cfg: PretrainRecipe, recipe_file: Path | None = None) -> dict:
         metrics["peak_mem_gb"],
         out,
     )
+    if cfg.hub.push_to_hub and accelerator.is_main_process:
+        from finetune import hub
+
+        hub.push(cfg.hub, out)
     accelerator.end_training()
     return metrics
 

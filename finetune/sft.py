@@ -137,6 +137,9 @@ def main(argv: list[str]) -> dict:
 
     names = [cfg.model.name_or_path, cfg.model.tokenizer or ""] + [d.path for d in cfg.data.datasets]
     go_offline_if_unreachable([n for n in names if is_hub_id(n)])
+    from finetune import hub
+
+    hub.check_can_push(cfg.hub)  # before training, not after it
     if cfg.print_example:
         from finetune import modeling
         from finetune.instructions import preview
@@ -373,16 +376,11 @@ def train(cfg: SFTRecipe, recipe_file: Path | None = None, callbacks: list | Non
 
 
 def merge(cfg: SFTRecipe, out: Path) -> Path:
-    """Base (full precision, even after QLoRA) + adapter -> one plain model in out/merged."""
-    from peft import PeftModel
-    from transformers import AutoTokenizer
+    """Base (full precision, even after QLoRA) + adapter -> one plain model in out/merged (hub.merge_adapter: the
+    one merge, shared with Hub pushes)."""
+    from finetune import hub
 
-    from finetune import modeling
-
-    base = modeling.load_model(cfg.model)
-    merged = PeftModel.from_pretrained(base, str(out)).merge_and_unload()
-    merged.save_pretrained(out / "merged")
-    AutoTokenizer.from_pretrained(out).save_pretrained(out / "merged")  # with the run's chat template
+    hub.merge_adapter(hub.describe(out), out / "merged", max_shard_size=cfg.hub.max_shard_size)
     log.info("merged model saved to %s", out / "merged")
     return out / "merged"
 

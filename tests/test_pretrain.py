@@ -519,3 +519,21 @@ def test_fine_tuning_before_the_base_is_pretrained_says_what_to_run(tmp_path):
         "error: no tokenizer in 'outputs/pretrain-tiny' yet: it is what "
         "`accelerate launch finetune/pretrain.py recipe=pretrain-tiny` writes; run that first"
     )
+
+
+def test_a_pretraining_run_stages_for_the_hub_as_a_full_model(trained):
+    from huggingface_hub import ModelCard
+    from transformers import AutoModelForCausalLM
+
+    from finetune import hub
+    from finetune.config.shared import HubConfig
+
+    out, metrics = trained
+    ((repo, folder),) = hub.stage(HubConfig(model_id="me/tiny-base"), out)
+    assert repo == "me/tiny-base" and not any(p.name.startswith("checkpoint") for p in folder.iterdir())
+    model, saved = AutoModelForCausalLM.from_pretrained(folder), AutoModelForCausalLM.from_pretrained(out)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), saved.state_dict().values(), strict=True))
+    card = ModelCard.load(folder / "README.md")
+    assert card.data.library_name == "transformers" and "pretrain" in card.data.tags
+    assert card.data.language == ["en", "ja"]  # the corpora: en and ja
+    assert f"{32 * 256:,}" in card.text and f"validation {metrics['final_val']['val_loss']:.4f}" in card.text

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
-from finetune.config.shared import AttnImplementation, TrainingBase
+from finetune.config.shared import AttnImplementation, HubConfig, TrainingBase
 from finetune.errors import RecipeError
 
 CorpusFormat = Literal["auto", "text", "records", "man"]
@@ -184,6 +184,8 @@ class PretrainRecipe:
     """Corpora, their mixture weights, sequence length, validation split."""
     training: TrainingConfig = field(default_factory=TrainingConfig)
     """Optimiser, token batch, schedule, checkpoints, logging."""
+    hub: HubConfig = field(default_factory=HubConfig)
+    """Push the model (weights, tokenizer, lineage, card) to the Hub at the end."""
     resume: bool = False
     """Continue exactly from the newest checkpoint in training.output_dir."""
     print_recipe: bool = False

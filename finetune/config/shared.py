@@ -108,16 +108,49 @@ class DatasetSpec:
 
 @dataclass
 class HubConfig:
+    """Pushing a run to the Hugging Face Hub, with a model card (finetune/hub.py, finetune/card.py). At the end of a
+    run (push_to_hub=true) or later: `python finetune/push.py OUTPUT_DIR hub.model_id=me/name`. The token comes from
+    HF_TOKEN or `hf auth login`, never from a recipe."""
+
     push_to_hub: bool = False
-    """Push the adapter (and merged model, if saved) to the Hub at the end."""
+    """Push at the end of the run."""
     model_id: str | None = None
     """Hub repository to push to, e.g. `me/llama-alpaca-lora`."""
     private: bool = True
-    """Create the repository as private."""
+    """Create the repository as private (an existing repository keeps its visibility)."""
+    revision: str | None = None
+    """Branch to push to (created from main when missing); null: main."""
+    what: Literal["auto", "adapter", "merged", "both"] = "auto"
+    """adapter: the LoRA adapter alone; merged: base + adapter merged into one model (after QLoRA the base is
+    reloaded in 16-bit, not 4-bit, before merging); both: the adapter to model_id and the merged model to
+    merged_model_id. auto: the adapter for LoRA/QLoRA runs, the model itself for full fine-tuning and pretraining."""
+    merged_model_id: str | None = None
+    """Where hub.what=both sends the merged model; null: model_id + '-merged'."""
+    merge_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    """Dtype the base is loaded in for merging; auto: the base's own (its config's dtype)."""
+    max_shard_size: str = "5GB"
+    """Largest safetensors shard of a merged or full model."""
+    base_model_id: str | None = None
+    """Hub ID of the base when the run's base is a local folder you have pushed (the card's base_model)."""
+    license: str | None = None
+    """The card's license; null: the base's where the base is a Hub model with one in its card, else 'other'."""
+    language: list[str] | None = None
+    """The card's languages; null: read from the data (Japanese where kana or kanji make up a share of the text)."""
+    dry_run: bool = False
+    """Stage the exact folder(s) that would be uploaded, print the path and the files, upload nothing."""
 
     def __post_init__(self):
         if self.push_to_hub and not self.model_id:
             raise RecipeError("hub.push_to_hub=true needs hub.model_id (e.g. hub.model_id=me/my-adapter)")
+        for key in ("model_id", "merged_model_id", "base_model_id"):
+            name = getattr(self, key)
+            if name is not None:
+                from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+                try:
+                    validate_repo_id(name)
+                except HFValidationError as e:
+                    raise RecipeError(f"hub.{key}={name!r} is not a Hub repository ID (user/name): {e}") from None
 
 
 @dataclass
