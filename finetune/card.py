@@ -22,6 +22,7 @@ STAGE_NAMES = {
     "adapter": "adapter",
     "base": "base model",
     "model": "model",
+    "merged": "merged model",
 }
 CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uff66-\uff9f]")
 LATIN = re.compile(r"[A-Za-z]")
@@ -32,7 +33,7 @@ def build(run, kind: str, repo_id: str, hub: HubConfig, merged_dtype: str | None
     from huggingface_hub import ModelCard, ModelCardData
 
     stages = lineage.chain(lineage.lineage(str(run.folder)))
-    base_id = hub.base_model_id or root_hub_id(stages)
+    base_id = base_hub_id(run, hub, stages)
     datasets = sorted({d for s in stages for d in data_names(s) if is_hub_id(d)})
     tags = ["finetune", *(s["stage"] for s in stages if s["stage"] in ("pretrain", "cpt", "sft", "dpo"))]
     method = stages[-1].get("method")
@@ -75,13 +76,19 @@ def build(run, kind: str, repo_id: str, hub: HubConfig, merged_dtype: str | None
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
 
 
-def root_hub_id(stages: list[dict]) -> str | None:
-    """The Hub model everything started from, if it was one (a Hub ID at the chain's root, or an adapter's base)."""
-    for s in stages:
-        for key in ("hub_id", "base"):
-            if isinstance(s.get(key), str) and is_hub_id(s[key]):
-                return s[key]
-    return None
+def base_hub_id(run, hub: HubConfig, stages: list[dict] | None = None) -> str | None:
+    """The card's base_model: the model this one was made from directly (an adapter's or a merge's base, a CPT
+    run's or a full fine-tune's starting point), by Hub ID; hub.base_model_id names a local one you pushed. The
+    chain's root (a Hub model several stages back) is not it: an adapter on a local CPT run of Llama is not an
+    adapter for Llama."""
+    if hub.base_model_id:
+        return hub.base_model_id
+    if run.base is not None:
+        direct = run.base.name_or_path
+    else:
+        stages = stages if stages is not None else lineage.chain(lineage.lineage(str(run.folder)))
+        direct = stages[-1].get("base")
+    return direct if isinstance(direct, str) and is_hub_id(direct) else None
 
 
 def data_names(stage: dict) -> list[str]:
@@ -206,15 +213,16 @@ def evaluation(folder: Path) -> list[str]:
 def reproduce(stages: list[dict]) -> str:
     scripts = {"pretrain": "finetune/pretrain.py", "cpt": "finetune/pretrain.py", "sft": "finetune/sft.py"}
     scripts["dpo"] = "finetune/dpo.py"
-    lines = ["Each stage's resolved recipe is its run folder's `recipe.yaml` (this repository holds the last one):", ""]
+    lines = [
+        "Each stage's resolved recipe is its run folder's `recipe.yaml` (this repository holds the last one); the "
+        "paths are those of the machine that ran it:",
+        "",
+    ]
     lines.append("```bash")
     for s in stages:
         if s["stage"] in scripts:
-            recipe = s.get("recipe") if s["stage"] in ("pretrain", "cpt") else None
-            if recipe and Path(recipe).parent.parent.name == "recipes":
-                recipe = Path(recipe).stem  # a recipe of the suite's own: by name
-            recipe = recipe or f"{s.get('path', 'RUN')}/recipe.yaml"
-            lines.append(f"accelerate launch {scripts[s['stage']]} recipe={recipe}")
+            recipe = f"{s.get('path', 'RUN')}/recipe.yaml"  # resolved: overrides included
+            lines.append(f"accelerate launch {scripts[s['stage']]} recipe={recipe} hub.push_to_hub=false")
     lines.append("```")
     return "\n".join(lines)
 

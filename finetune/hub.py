@@ -62,13 +62,21 @@ def describe(folder: str | Path) -> Run:
         stage = "cpt" if json.loads((folder / "lineage.json").read_text()).get("base") else "pretrain"
         return Run(folder, stage, adapter, None, False, "finetune/pretrain.py")
     if (dpo := lineage.dpo_recipe(folder)) is not None:
-        policy = dpo["model"]["name_or_path"]
-        sft = modeling.run_recipe(policy) if Path(policy).is_dir() else None
-        if sft is not None and (Path(policy) / "adapter_config.json").is_file():
-            # DPO went on training the SFT run's adapter on that run's base (4-bit for QLoRA)
+        from finetune.config.checking import build
+        from finetune.dpo import sft_run_of
+
+        policy = build(ModelConfig, dpo["model"], "model")
+        sft = sft_run_of(policy.name_or_path)
+        policy_adapter = Path(policy.name_or_path) / "adapter_config.json"
+        # as finetune.dpo.load_policy loaded it: an adapter policy kept training on its base (4-bit for QLoRA)
+        if policy_adapter.is_file() and sft is not None:
             base, quantized = sft.model, sft.quantization.load_in_4bit
-        else:
-            base = ModelConfig(name_or_path=policy)
+        elif policy_adapter.is_file():
+            adapter_base = json.loads(policy_adapter.read_text()).get("base_model_name_or_path")
+            base = ModelConfig(name_or_path=adapter_base)
+            quantized = bool((dpo.get("quantization") or {}).get("load_in_4bit"))
+        else:  # a merged or full model: DPO trained a new LoRA on it
+            base = policy
             quantized = bool((dpo.get("quantization") or {}).get("load_in_4bit"))
         return Run(folder, "dpo", adapter, base if adapter else None, quantized and adapter, "finetune/dpo.py")
     sft = modeling.run_recipe(folder)
@@ -85,6 +93,7 @@ def describe(folder: str | Path) -> Run:
 
 
 def staging_root(out: Path) -> Path:
+    out = Path(out).resolve()  # `push.py .` stages beside the run, never inside it
     return out.parent / f"{out.name}-hub"
 
 
@@ -126,6 +135,8 @@ def stage(hub: HubConfig, out: str | Path) -> list[tuple[str, Path]]:
         else:
             copy_run_files(run.folder, dest)
             dtype = None
+        if kind == "adapter" and (hub_base := card.base_hub_id(run, hub)):
+            point_adapter_at(dest / "adapter_config.json", hub_base)
         for name in ("recipe.yaml", "metrics.json", "heldout.json"):
             if (run.folder / name).is_file() and not (dest / name).exists():
                 link_or_copy(run.folder / name, dest / name)
@@ -136,6 +147,16 @@ def stage(hub: HubConfig, out: str | Path) -> list[tuple[str, Path]]:
         model_card.save(dest / "README.md")
         staged.append((repo_id, dest))
     return staged
+
+
+def point_adapter_at(config_file: Path, base: str) -> None:
+    """The staged adapter_config.json names the base by its Hub ID, not the local path it was trained from, so
+    AutoPeftModelForCausalLM.from_pretrained(repo) works for whoever downloads it. The staged file may be a hard link
+    to the run's: it is replaced, never written through."""
+    saved = json.loads(config_file.read_text(encoding="utf-8"))
+    saved["base_model_name_or_path"] = base
+    config_file.unlink()
+    config_file.write_text(json.dumps(saved, indent=2), encoding="utf-8")
 
 
 def copy_run_files(src: Path, dest: Path) -> None:
@@ -168,8 +189,9 @@ def merge_adapter(run: Run, dest: Path, dtype: str = "auto", max_shard_size: str
 
     if run.base is None:
         raise HubError(f"{run.folder}: the adapter's base is unknown (no base_model_name_or_path in adapter_config)")
-    base_cfg = replace(run.base, dtype=dtype) if dtype != "auto" else run.base
-    base = modeling.load_model(base_cfg)  # no quantization argument: full-precision weights
+    if dtype == "auto":  # the base's own dtype, whatever the machine (modeling's auto would follow the GPU)
+        dtype = saved_dtype(run.base)
+    base = modeling.load_model(replace(run.base, dtype=dtype))  # no quantization argument: 16/32-bit weights
     merged = PeftModel.from_pretrained(base, str(run.folder)).merge_and_unload()
     merged.save_pretrained(dest, max_shard_size=max_shard_size)
     AutoTokenizer.from_pretrained(run.folder).save_pretrained(dest)  # the run's, with its chat template
@@ -179,6 +201,18 @@ def merge_adapter(run: Run, dest: Path, dtype: str = "auto", max_shard_size: str
         torch.cuda.empty_cache()
     log.info("merged %s into %s (%s) in %s", run.folder, run.base.name_or_path, merged_dtype, dest)
     return merged_dtype
+
+
+def saved_dtype(base: ModelConfig) -> str:
+    """The dtype a model's config.json records (float32 where it records none or an unusual one)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(
+        base.name_or_path, revision=base.revision, trust_remote_code=base.trust_remote_code
+    )
+    dtype = str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32")
+    dtype = dtype.removeprefix("torch.")
+    return dtype if dtype in ("float32", "bfloat16", "float16") else "float32"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -200,7 +234,7 @@ def offline_refusal(hub: HubConfig) -> None:
     why = (
         "offline mode is on (HF_HUB_OFFLINE=1)"
         if constants.is_offline_mode()
-        else f"{constants.ENDPOINT} cannot be reached"
+        else f"{os.environ.get('HF_ENDPOINT') or constants.ENDPOINT} cannot be reached"
         if not reachable()
         else None
     )
@@ -218,7 +252,21 @@ def push(hub: HubConfig, out: str | Path) -> list[tuple[str, Path]]:
         raise HubError("no hub.model_id: name the repository, e.g. hub.model_id=me/llama-alpaca-lora")
     if not hub.dry_run:
         offline_refusal(hub)
-    staged = stage(hub, out)
+    try:
+        staged = stage(hub, out)
+    except HubError:
+        raise
+    except Exception as e:  # a full disk, an unreadable tokenizer, an adapter that doesn't fit its base: one line
+        raise HubError(f"could not stage {out} for the Hub: {scrub(f'{type(e).__name__}: {first_line(e)}')}") from None
+    try:
+        upload_all(hub, staged)
+    finally:
+        if not hub.dry_run:  # uploaded or failed: the staged copy (a merged model's weights) is not kept
+            shutil.rmtree(staging_root(Path(out)), ignore_errors=True)
+    return staged
+
+
+def upload_all(hub: HubConfig, staged: list[tuple[str, Path]]) -> None:
     for repo_id, folder in staged:
         files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
         if hub.dry_run:
@@ -228,9 +276,6 @@ def push(hub: HubConfig, out: str | Path) -> list[tuple[str, Path]]:
             continue
         url = upload(hub, repo_id, folder)
         log.info("pushed %d files to %s", len(files), url)
-    if not hub.dry_run:
-        shutil.rmtree(staging_root(Path(out)))  # uploaded: the staged copy (a merged model's weights) is not kept
-    return staged
 
 
 def upload(hub: HubConfig, repo_id: str, folder: Path) -> str:

@@ -44,6 +44,14 @@ def lineage(name_or_path: str, depth: int = 0) -> dict:
             "base": dpo["model"]["name_or_path"],  # the policy DPO started from
             "base_lineage": lineage(dpo["model"]["name_or_path"], depth + 1) if depth < 8 else None,
         }
+    if folder.name == "merged" and not (folder / "recipe.yaml").is_file() and modeling.run_recipe(folder.parent):
+        # SFT's training.merge_adapter output: the run's base + adapter
+        return {
+            "path": str(folder),
+            "stage": "merged",
+            "base": str(folder.parent),
+            "base_lineage": lineage(str(folder.parent), depth + 1) if depth < 8 else None,
+        }
     run = modeling.run_recipe(folder)
     if run is not None:
         return {

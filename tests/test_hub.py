@@ -78,6 +78,8 @@ def test_staged_adapter_and_merged_model_load_and_give_the_runs_logits(run_name,
     assert set(staged) == {"me/tiny", "me/tiny-merged"}
     adapter, merged = staged["me/tiny"], staged["me/tiny-merged"]
     expected = unmerged_logits(micro_base, run)
+    plain = logits_of(AutoModelForCausalLM.from_pretrained(micro_base, dtype=torch.float32))
+    assert not torch.allclose(expected, plain, atol=1e-3)  # the adapter changes the logits: a lost merge would show
 
     base = AutoModelForCausalLM.from_pretrained(micro_base, dtype=torch.float32)
     assert torch.equal(logits_of(PeftModel.from_pretrained(base, str(adapter))), expected)
@@ -114,6 +116,9 @@ def test_the_card_parses_back_and_names_the_real_base_and_data(lora_run, qlora_r
 
     cfg = HubConfig(model_id="me/tiny-lora", base_model_id="me/micro-llama", license="apache-2.0")
     folder = dict(hub.stage(cfg, lora_run))["me/tiny-lora"]
+    # the staged adapter names its base by Hub ID (AutoPeftModel loads it from the Hub); the run's own file doesn't
+    assert json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"] == "me/micro-llama"
+    assert json.loads((lora_run / "adapter_config.json").read_text())["base_model_name_or_path"] == str(micro_base)
     card = ModelCard.load(folder / "README.md")
     assert RepoCard.load(folder / "README.md").data.to_dict() == card.data.to_dict()
     data = card.data
@@ -122,7 +127,9 @@ def test_the_card_parses_back_and_names_the_real_base_and_data(lora_run, qlora_r
     assert {"sft", "lora"} <= set(data.tags) and data.language == ["en"]
     recipe = modeling.run_recipe(lora_run)
     assert str(micro_base) in card.text and recipe.data.datasets[0].path in card.text  # the real base and data
-    assert "PeftModel.from_pretrained" in card.text and f"recipe={lora_run}/recipe.yaml" in card.text
+    assert (
+        "PeftModel.from_pretrained" in card.text and f"recipe={lora_run}/recipe.yaml hub.push_to_hub=false" in card.text
+    )
     assert json.loads((folder / "lineage.json").read_text())["base"] == str(micro_base)
 
     # an evaluation beside the run that scored it goes in the card, one that scored something else does not
@@ -199,6 +206,9 @@ def test_dry_run_stages_and_lists_without_uploading(lora_run, capsys):
 
 
 def test_offline_a_push_is_one_message_and_the_run_is_untouched(lora_run):
+    import shutil
+
+    shutil.rmtree(lora_run.parent / "run-hub", ignore_errors=True)  # an earlier test's staging
     before = tree_digest(lora_run)
     env = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(lora_run.parent)}
     proc = subprocess.run(
@@ -212,8 +222,7 @@ def test_offline_a_push_is_one_message_and_the_run_is_untouched(lora_run):
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert lines == [lines[0]] and lines[0].startswith("error: cannot push to me/tiny: offline mode is on"), proc.stderr
     assert "hub.dry_run=true" in lines[0] and "Traceback" not in proc.stderr
-    assert tree_digest(lora_run) == before
-    assert not (lora_run.parent / "run-hub").exists() or (lora_run.parent / "run-hub" / hub.STAGING_MARK).is_file()
+    assert tree_digest(lora_run) == before and not (lora_run.parent / "run-hub").exists()  # refused before staging
 
 
 def test_a_training_run_that_would_push_offline_is_refused_before_it_trains(micro_base, tmp_path, monkeypatch):
@@ -353,3 +362,49 @@ def test_a_dry_run_writes_no_token_anywhere(lora_run, fake_hub, capsys):
         for name, content in files_of(folder).items():
             assert TOKEN.encode() not in content, name
     assert TOKEN not in capsys.readouterr().out
+
+
+def test_both_goes_to_two_repositories(lora_run, fake_hub):
+    push.main([str(lora_run), "hub.model_id=me/tiny", "hub.what=both"])
+    adapter, merged = (fake_hub.repos[r]["branches"]["main"] for r in ("me/tiny", "me/tiny-merged"))
+    assert "adapter_model.safetensors" in adapter and "model.safetensors" not in adapter
+    assert "model.safetensors" in merged and "adapter_config.json" not in merged
+    assert (
+        "library_name: peft" in adapter["README.md"].decode()
+        and "library_name: transformers" in merged["README.md"].decode()
+    )
+
+
+def test_an_error_that_echoes_the_token_is_scrubbed(lora_run, fake_hub, monkeypatch):
+    import shutil
+
+    from huggingface_hub import HfApi
+
+    def create_repo(self, *args, **kwargs):
+        raise RuntimeError(f"request failed: headers {{'authorization': 'Bearer {TOKEN}'}}")
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    shutil.rmtree(lora_run.parent / "run-hub", ignore_errors=True)  # an earlier test's staging
+    with pytest.raises(HubError) as caught:
+        push.main([str(lora_run), "hub.model_id=me/tiny"])
+    assert TOKEN not in str(caught.value) and "Bearer <token>" in str(caught.value)
+    assert not (lora_run.parent / "run-hub").exists()  # a failed upload leaves no staged copy behind
+
+
+@pytest.mark.parametrize("stage", ["dpo", "pretrain"])
+def test_dpo_and_pretraining_that_would_push_offline_are_refused_before_they_train(
+    stage, lora_run, tmp_path, monkeypatch
+):
+    from huggingface_hub import constants
+
+    from finetune import dpo, pretrain
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    out = tmp_path / "run"
+    common = [f"training.output_dir={out}", "hub.push_to_hub=true", "hub.model_id=me/tiny"]
+    with pytest.raises(HubError, match="offline mode is on"):
+        if stage == "dpo":
+            dpo.main(["recipe=dpo-quickstart", f"model.name_or_path={lora_run}", *common])
+        else:
+            pretrain.main(["recipe=pretrain-tiny", *common])
+    assert not out.exists()

@@ -133,7 +133,7 @@ class HubConfig:
     base_model_id: str | None = None
     """Hub ID of the base when the run's base is a local folder you have pushed (the card's base_model)."""
     license: str | None = None
-    """The card's license; null: the base's where the base is a Hub model with one in its card, else 'other'."""
+    """The card's license (set it to the base's and the data's terms); null: 'other'."""
     language: list[str] | None = None
     """The card's languages; null: read from the data (Japanese where kana or kanji make up a share of the text)."""
     dry_run: bool = False
