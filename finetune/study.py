@@ -417,11 +417,16 @@ def add_costs(rows: list[dict], base_model: str) -> dict:
     return stages
 
 
+def evaluated(stats: dict):
+    """The evaluation items the cells scored: after those a corpus holds whole were removed, where any were."""
+    return stats.get("eval_pairs_used", stats.get("eval_pairs", stats.get("eval")))
+
+
 def limits(cfg: StudyRecipe, rows: list[dict], files, contamination: dict, references: dict) -> list[str]:
     """What the data can and cannot show, read from this run."""
     seeds, sizes = sorted({r["seed"] for r in rows}), sorted({r["n"] for r in rows if r["n"] > 0})
     out = [
-        f"Scale: evaluation on {files.stats.get('eval_pairs', files.stats.get('eval'))} items; fine-tuning sets of "
+        f"Scale: evaluation on {evaluated(files.stats)} items; fine-tuning sets of "
         f"{sizes[0]} to {sizes[-1]} examples; CPT budgets of {', '.join(map(str, cfg.cpt.steps))} steps. A crossover "
         "fitted here is this model's and this task's; it need not carry to larger models or other tasks.",
     ]
