@@ -137,6 +137,35 @@ def changed_keys(old: dict, new: dict) -> list[str]:
     return out
 
 
+def open_run(cfg, recipe_file: Path | None, log: logging.Logger):
+    """The start the Trainer-based stages (SFT, DPO) share: logging (INFO on the main process), the checkpoint to
+    resume from (`start`, before anything is written), the resolved recipe saved and printed. Returns (the
+    accelerate PartialState, output folder, recipe as a dict, run info, checkpoint or None)."""
+    import datasets
+    from accelerate import PartialState
+
+    from finetune import config, throughput
+
+    state = PartialState()
+    logging.basicConfig(
+        level=logging.INFO if state.is_main_process else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    datasets.disable_progress_bars()
+    if state.num_processes == 1:
+        throughput.warn_if_cpu_threads_capped(log)
+    out = Path(cfg.training.output_dir)
+    recipe = config.to_dict(cfg)
+    run_info = {"processes": state.num_processes}  # with the recipe, decides every step's batch
+    checkpoint = start(out, cfg.resume, recipe, run_info)  # refuses before anything is overwritten
+    if state.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / RECIPE).write_text(config.to_yaml(cfg), encoding="utf-8")
+    log.info("recipe %s resolved (saved to %s):\n%s", recipe_file, out / RECIPE, config.to_yaml(cfg))
+    return state, out, recipe, run_info, checkpoint
+
+
 def start(output_dir: str | Path, resume: bool, recipe: dict, info: dict | None = None) -> Path | None:
     """Before a run writes anything: the checkpoint to resume from (None: start at step 0), or a RecipeError if the
     folder holds another run's checkpoints without resume=true, or if the checkpoint was written under settings

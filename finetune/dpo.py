@@ -135,29 +135,12 @@ def train(cfg: DPORecipe, recipe_file: Path | None = None, callbacks: list | Non
     modeling.quiet_library_warnings()
     import datasets
     import torch
-    from accelerate import PartialState
     from trl import DPOConfig
 
     from finetune import checkpoints, throughput
     from finetune.preferences import load_pairs, tokenize_pairs
 
-    state = PartialState()
-    logging.basicConfig(
-        level=logging.INFO if state.is_main_process else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
-    datasets.disable_progress_bars()
-    if state.num_processes == 1:
-        throughput.warn_if_cpu_threads_capped(log)
-    out = Path(cfg.training.output_dir)
-    recipe = config.to_dict(cfg)
-    run_info = {"processes": state.num_processes}
-    checkpoint = checkpoints.start(out, cfg.resume, recipe, run_info)  # refuses before anything is overwritten
-    if state.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "recipe.yaml").write_text(config.to_yaml(cfg), encoding="utf-8")
-    log.info("recipe %s resolved (saved to %s):\n%s", recipe_file, out / "recipe.yaml", config.to_yaml(cfg))
+    state, out, recipe, run_info, checkpoint = checkpoints.open_run(cfg, recipe_file, log)
 
     # ------------------------------------------------------------------------------------------------------
     # Policy, reference and data
@@ -176,37 +159,14 @@ def train(cfg: DPORecipe, recipe_file: Path | None = None, callbacks: list | Non
     log.info("data: %d training and %d held-out pairs", len(train_rows), len(eval_rows))
 
     args = DPOConfig(
-        output_dir=str(out),
-        per_device_train_batch_size=cfg.training.micro_batch_size,
-        per_device_eval_batch_size=cfg.training.micro_batch_size,
-        gradient_accumulation_steps=cfg.training.gradient_accumulation_steps,
-        num_train_epochs=cfg.training.num_epochs,
-        max_steps=cfg.training.max_steps or -1,
-        learning_rate=cfg.training.learning_rate,
-        lr_scheduler_type=cfg.training.lr_scheduler,
-        warmup_steps=cfg.training.warmup_ratio,
-        weight_decay=cfg.training.weight_decay,
-        max_grad_norm=cfg.training.max_grad_norm,
-        optim=cfg.training.optim,
-        gradient_checkpointing=cfg.training.gradient_checkpointing,  # TRL's default is on: the recipe decides
-        use_cpu=not torch.cuda.is_available(),
-        logging_steps=cfg.training.log_every,
-        logging_first_step=True,
-        eval_strategy="steps" if cfg.training.eval_every and eval_rows else "no",
-        eval_steps=cfg.training.eval_every,
-        save_steps=cfg.training.save_every,
-        save_total_limit=None,  # checkpoints.CheckpointCallback rotates, after the new checkpoint is complete
+        **modeling.trainer_arguments(cfg.training, cfg.data.seed, out, evaluate=bool(eval_rows)),
         include_num_input_tokens_seen="non_padding",
-        report_to=cfg.training.report_to or "none",
-        seed=cfg.training.seed,
-        data_seed=cfg.data.seed,
         max_length=None,  # cut already, keeping the prompt's end (TRL keeps only a sequence's start)
         beta=cfg.dpo.beta,
         loss_type=list(cfg.dpo.loss_type),
         loss_weights=cfg.dpo.loss_weights,
         label_smoothing=cfg.dpo.label_smoothing,
         precompute_ref_log_probs=cfg.dpo.precompute_ref_log_probs,
-        **modeling.precision_flags(cfg.training.precision),
     )
     building = time.perf_counter()
     trainer = make_trainer_class()(  # with precompute_ref_log_probs, TRL scores every pair with the reference here

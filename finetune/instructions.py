@@ -275,6 +275,16 @@ def _load_spec(spec: DatasetSpec, cfg: DataConfig, rng) -> list[dict]:
     return [nfkc(e) for e in examples] if cfg.nfkc else examples
 
 
+def held_out_positions(sizes: list[int], eval_size: float, rng, what: str) -> set[tuple[int, int]]:
+    """The (dataset, record) positions held out: a share `eval_size` (or a count, >= 1) of all records, drawn with
+    `rng` across the datasets. SFT's examples and DPO's pairs are split by this one rule."""
+    total = sum(sizes)
+    n_eval = int(eval_size) if eval_size >= 1 else round(eval_size * total)
+    if n_eval >= total:
+        raise DataError(f"data.eval_size={eval_size} leaves no training {what} out of {total}")
+    return set(rng.sample([(d, i) for d, n in enumerate(sizes) for i in range(n)], n_eval))
+
+
 def load_examples(cfg: DataConfig) -> tuple[list[dict], list[dict]]:
     """Load, check and mix every dataset of the recipe; return (train, held-out) canonical examples. Held out:
     `eval_datasets`, or a share `eval_size` of the datasets' records."""
@@ -284,11 +294,7 @@ def load_examples(cfg: DataConfig) -> tuple[list[dict], list[dict]]:
     per_dataset = [(spec, _load_spec(spec, cfg, rng)) for spec in cfg.datasets]
 
     # Hold out before weighting, so a repeated example can't sit in both splits.
-    total = sum(len(ex) for _, ex in per_dataset)
-    n_eval = int(cfg.eval_size) if cfg.eval_size >= 1 else round(cfg.eval_size * total)
-    if n_eval >= total:
-        raise DataError(f"data.eval_size={cfg.eval_size} leaves no training examples out of {total}")
-    held = set(rng.sample([(d, i) for d, (_, ex) in enumerate(per_dataset) for i in range(len(ex))], n_eval))
+    held = held_out_positions([len(ex) for _, ex in per_dataset], cfg.eval_size, rng, "examples")
     train, evaluation = [], []
     for d, (spec, examples) in enumerate(per_dataset):
         evaluation += [e for i, e in enumerate(examples) if (d, i) in held]

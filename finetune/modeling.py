@@ -59,6 +59,42 @@ def auto_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
+def trainer_arguments(training, data_seed: int, output_dir, evaluate: bool) -> dict:
+    """The TrainingArguments the Trainer-based stages (SFT, DPO) set alike from their recipe's training section;
+    each stage adds its own (packing, DPO's beta, ...). `evaluate`: there is held-out data to evaluate."""
+    import torch
+
+    return dict(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=training.micro_batch_size,
+        # SFT's training.eval_batch_size (DPO has none: pairs are evaluated as they train)
+        per_device_eval_batch_size=getattr(training, "eval_batch_size", None) or training.micro_batch_size,
+        gradient_accumulation_steps=training.gradient_accumulation_steps,
+        num_train_epochs=training.num_epochs,
+        max_steps=training.max_steps or -1,
+        learning_rate=training.learning_rate,
+        lr_scheduler_type=training.lr_scheduler,
+        warmup_steps=training.warmup_ratio,  # a float < 1 is a share of the steps
+        weight_decay=training.weight_decay,
+        max_grad_norm=training.max_grad_norm,
+        optim=training.optim,
+        # transformers 5 renamed it; setting both keeps TRL's default (True) from winning silently
+        activation_checkpointing=training.gradient_checkpointing,
+        gradient_checkpointing=training.gradient_checkpointing,
+        use_cpu=not torch.cuda.is_available(),  # without it, transformers refuses training.precision=bf16 on a CPU
+        logging_steps=training.log_every,
+        logging_first_step=True,
+        eval_strategy="steps" if training.eval_every and evaluate else "no",
+        eval_steps=training.eval_every,
+        save_steps=training.save_every,
+        save_total_limit=None,  # checkpoints.CheckpointCallback rotates, after the new checkpoint is complete
+        report_to=training.report_to or "none",
+        seed=training.seed,
+        data_seed=data_seed,
+        **precision_flags(training.precision),
+    )
+
+
 def precision_flags(precision: str) -> dict:
     """TrainingArguments' bf16/fp16 flags."""
     precision = resolve_precision(precision)

@@ -158,7 +158,7 @@ def load_pairs(cfg: PreferenceData) -> tuple[list[dict], list[dict]]:
     """Load, check and mix the datasets; return (train, held-out) canonical pairs (held out before weighting)."""
     import random
 
-    from finetune.instructions import _weighted
+    from finetune.instructions import _weighted, held_out_positions
 
     rng = random.Random(cfg.seed)
     per_dataset = []
@@ -183,11 +183,7 @@ def load_pairs(cfg: PreferenceData) -> tuple[list[dict], list[dict]]:
         if cfg.nfkc:
             pairs = [_normalised(p) for p in pairs]
         per_dataset.append((spec, pairs))
-    total = sum(len(p) for _, p in per_dataset)
-    n_eval = int(cfg.eval_size) if cfg.eval_size >= 1 else round(cfg.eval_size * total)
-    if n_eval >= total:
-        raise DataError(f"data.eval_size={cfg.eval_size} leaves no training pairs out of {total}")
-    held = set(rng.sample([(d, i) for d, (_, p) in enumerate(per_dataset) for i in range(len(p))], n_eval))
+    held = held_out_positions([len(p) for _, p in per_dataset], cfg.eval_size, rng, "pairs")  # SFT's rule
     train, evaluation = [], []
     for d, (spec, pairs) in enumerate(per_dataset):
         evaluation += [p for i, p in enumerate(pairs) if (d, i) in held]

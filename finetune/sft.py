@@ -158,31 +158,14 @@ def train(cfg: SFTRecipe, recipe_file: Path | None = None, callbacks: list | Non
 
     import datasets
     import torch
-    from accelerate import PartialState
     from trl import SFTConfig
 
     from finetune import checkpoints, prompts, throughput
     from finetune.instructions import load_examples
 
-    state = PartialState()
-    logging.basicConfig(
-        level=logging.INFO if state.is_main_process else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
-    datasets.disable_progress_bars()
-    if state.num_processes == 1:
-        throughput.warn_if_cpu_threads_capped(log)
-    out = Path(cfg.training.output_dir)
-    recipe = config.to_dict(cfg)
-    run_info = {"processes": state.num_processes}  # with the recipe, decides every step's batch
-    checkpoint = checkpoints.start(out, cfg.resume, recipe, run_info)  # refuses before anything is overwritten
-    if state.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "recipe.yaml").write_text(config.to_yaml(cfg), encoding="utf-8")
-        if checkpoint is None:  # a fresh run: best weights a killed earlier run left are not this run's
-            shutil.rmtree(out / checkpoints.BestWeights.FOLDER, ignore_errors=True)
-    log.info("recipe %s resolved (saved to %s):\n%s", recipe_file, out / "recipe.yaml", config.to_yaml(cfg))
+    state, out, recipe, run_info, checkpoint = checkpoints.open_run(cfg, recipe_file, log)
+    if state.is_main_process and checkpoint is None:  # a fresh run: best weights a killed run left are not this run's
+        shutil.rmtree(out / checkpoints.BestWeights.FOLDER, ignore_errors=True)
 
     # ------------------------------------------------------------------------------------------------------
     # Model and data
@@ -242,43 +225,18 @@ def train(cfg: SFTRecipe, recipe_file: Path | None = None, callbacks: list | Non
     )
 
     args = SFTConfig(
-        output_dir=str(out),
-        per_device_train_batch_size=cfg.training.micro_batch_size,
-        per_device_eval_batch_size=cfg.training.eval_batch_size or cfg.training.micro_batch_size,
-        gradient_accumulation_steps=cfg.training.gradient_accumulation_steps,
-        num_train_epochs=cfg.training.num_epochs,
-        max_steps=cfg.training.max_steps or -1,
-        learning_rate=cfg.training.learning_rate,
-        lr_scheduler_type=cfg.training.lr_scheduler,
-        warmup_steps=cfg.training.warmup_ratio,  # a float < 1 is a share of the steps
-        weight_decay=cfg.training.weight_decay,
-        max_grad_norm=cfg.training.max_grad_norm,
-        optim=cfg.training.optim,
-        # transformers 5 renamed it; setting both keeps TRL's default (True) from winning silently
-        activation_checkpointing=cfg.training.gradient_checkpointing,
-        gradient_checkpointing=cfg.training.gradient_checkpointing,
+        **modeling.trainer_arguments(cfg.training, cfg.data.seed, out, evaluate=bool(eval_rows)),
         dataloader_pin_memory=torch.cuda.is_available(),
-        use_cpu=not torch.cuda.is_available(),  # without it, transformers refuses training.precision=bf16 on a CPU
-        logging_steps=cfg.training.log_every,
-        logging_first_step=True,
-        eval_strategy="steps" if cfg.training.eval_every and eval_rows else "no",
-        eval_steps=cfg.training.eval_every,
-        save_steps=cfg.training.save_every,
-        save_total_limit=None,  # checkpoints.CheckpointCallback rotates, after the new checkpoint is complete
         # tokens trained on, in the Trainer's state (saved with checkpoints): padding-free rows have no padding
         include_num_input_tokens_seen="all" if packing or padding_free else "non_padding",
         train_sampling_strategy="group_by_length"
         if cfg.data.group_by_length and not (packing or padding_free)
         else "random",
-        report_to=cfg.training.report_to or "none",
-        seed=cfg.training.seed,
-        data_seed=cfg.data.seed,
         # examples are already cut to max_length (prompts.tokenize_examples); TRL refuses it with padding_free alone
         max_length=None if padding_free else cfg.data.max_length,
         padding_free=padding_free,
         packing=packing,
         packing_strategy="bfd",  # best-fit decreasing, padding-free: position ids reset per example
-        **modeling.precision_flags(cfg.training.precision),
     )
     Trainer = trainer_class or make_trainer_class()
     trainer = Trainer(

@@ -13,6 +13,7 @@ from finetune.config.shared import (
     PromptStyle,
     QuantizationConfig,
     TrainingBase,
+    check_dataset_spec,
 )
 from finetune.errors import RecipeError
 
@@ -44,12 +45,7 @@ class PreferenceSpec:
     """Share in a mixture: 0.5 keeps a random half of this dataset, 2.0 repeats it twice."""
 
     def __post_init__(self):
-        if not self.path:
-            raise RecipeError("every entry of data.datasets needs a `path` (Hub ID or local file)")
-        if self.weight <= 0:
-            raise RecipeError(f"dataset {self.path}: weight must be positive, got {self.weight}")
-        if self.max_samples is not None and self.max_samples <= 0:
-            raise RecipeError(f"dataset {self.path}: max_samples must be positive, got {self.max_samples}")
+        check_dataset_spec(self)
 
 
 @dataclass

@@ -98,12 +98,17 @@ class DatasetSpec:
     ...) are refused; list one here to train without it instead. Records it is dropped from are counted."""
 
     def __post_init__(self):
-        if not self.path:
-            raise RecipeError("every entry of data.datasets needs a `path` (Hub ID or local file)")
-        if self.weight <= 0:
-            raise RecipeError(f"dataset {self.path}: weight must be positive, got {self.weight}")
-        if self.max_samples is not None and self.max_samples <= 0:
-            raise RecipeError(f"dataset {self.path}: max_samples must be positive, got {self.max_samples}")
+        check_dataset_spec(self)
+
+
+def check_dataset_spec(spec) -> None:
+    """The keys every dataset spec shares (SFT's DatasetSpec, DPO's PreferenceSpec): path, weight, max_samples."""
+    if not spec.path:
+        raise RecipeError("every entry of data.datasets needs a `path` (Hub ID or local file)")
+    if spec.weight <= 0:
+        raise RecipeError(f"dataset {spec.path}: weight must be positive, got {spec.weight}")
+    if spec.max_samples is not None and spec.max_samples <= 0:
+        raise RecipeError(f"dataset {spec.path}: max_samples must be positive, got {spec.max_samples}")
 
 
 @dataclass
